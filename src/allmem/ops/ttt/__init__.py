@@ -1,0 +1,6 @@
+"""The memory op: residual SwiGLU fast weights trained chunk by chunk at test time."""
+
+from .chunk import chunk_ttt, ttt_update
+from .fast_weights import FastWeights, TTTState, row_norms, swiglu_loss_grads, swiglu_read
+
+__all__ = ["FastWeights", "TTTState", "chunk_ttt", "row_norms", "swiglu_loss_grads", "swiglu_read", "ttt_update"]

@@ -1,0 +1,123 @@
+"""The chunked memory op against autograd and a token-by-token reference (float64)."""
+
+import pytest
+import torch
+
+from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms, swiglu_loss_grads
+from allmem.ops.ttt.naive import naive_ttt
+
+torch.set_default_dtype(torch.float64)
+
+
+def random_weights(n, d, expansion, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = expansion * d
+    return FastWeights(
+        torch.randn(n, f, d, generator=g) * scale / d**0.5,
+        torch.randn(n, d, f, generator=g) * scale / f**0.5,
+        torch.randn(n, f, d, generator=g) * scale / d**0.5,
+    )
+
+
+@pytest.mark.parametrize("loss", ["mse", "dot"])
+@pytest.mark.parametrize("expansion", [1, 2])
+def test_closed_form_gradients_match_autograd(loss, expansion):
+    n, t, d = 3, 7, 5
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(n, t, d, generator=g), torch.randn(n, t, d, generator=g)
+    eta = torch.rand(n, t, generator=g)
+    weights = FastWeights(*(w.requires_grad_() for w in random_weights(n, d, expansion)))
+
+    w1, w2, w3 = weights
+    pred = k + (torch.nn.functional.silu(k @ w1.mT) * (k @ w3.mT)) @ w2.mT
+    per_token = 0.5 * ((pred - v) ** 2).sum(-1) if loss == "mse" else -(pred * v).sum(-1)
+    expected = torch.autograd.grad((eta * per_token).sum(), weights)
+
+    got = swiglu_loss_grads(k, v, eta, weights, loss)
+    for e, o in zip(expected, got):
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-12)
+
+
+def make_inputs(n, length, d, chunk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, length, d, generator=g)
+    k = torch.nn.functional.normalize(torch.randn(n, length, d, generator=g), dim=-1)
+    v = torch.randn(n, length, d, generator=g)
+    eta = torch.rand(n, length, generator=g) * 0.5
+    beta = torch.rand(n, -(-length // chunk), generator=g)
+    return q, k, v, eta, beta
+
+
+CASES = [  # (N = batch x heads, L, C)
+    (1, 16, 4),
+    (6, 19, 5),  # L not a multiple of C
+    (4, 3, 8),  # L < C: nothing written
+    (2, 32, 32),
+    (6, 63, 8),
+]
+
+
+@pytest.mark.parametrize("loss", ["mse", "dot"])
+@pytest.mark.parametrize("n,length,chunk", CASES, ids=[f"N{n}-L{l}-C{c}" for n, l, c in CASES])
+def test_chunked_equals_token_loop(n, length, chunk, loss):
+    d, expansion = 6, 2
+    q, k, v, eta, beta = make_inputs(n, length, d, chunk)
+    w0 = random_weights(n, d, expansion, scale=1.5)
+    norms = row_norms(w0)
+    momentum0 = FastWeights(*(0.01 * torch.randn_like(w) for w in w0))
+    # a small clip makes clipping active; normalisation is always active
+    o, state = chunk_ttt(q, k, v, eta, beta, TTTState(w0, momentum0), norms, chunk_size=chunk, loss=loss, clip=0.3)
+    o_ref, w_ref, m_ref = naive_ttt(q, k, v, eta, beta, w0, momentum0, norms, chunk_size=chunk, loss=loss, clip=0.3)
+    torch.testing.assert_close(o, o_ref)
+    for a, b in zip(state.weights, w_ref):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(state.momentum, m_ref):
+        torch.testing.assert_close(a, b)
+    if length >= chunk:  # the memory really changed
+        assert not torch.allclose(state.weights.w1, w0.w1)
+
+
+def test_update_mask_and_zero_eta_leave_state_untouched():
+    n, length, d, chunk = 4, 12, 5, 4
+    q, k, v, eta, beta = make_inputs(n, length, d, chunk)
+    w0 = random_weights(n, d, 1)
+    state0 = TTTState(w0, FastWeights(*(torch.zeros_like(w) for w in w0)))
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False], [True, True, False]])
+    o, state = chunk_ttt(q, k, v, eta, beta, state0, row_norms(w0), chunk_size=chunk, update_mask=mask)
+    o_ref, w_ref, _ = naive_ttt(q, k, v, eta, beta, w0, None, row_norms(w0), chunk_size=chunk, update_mask=mask)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(state.weights.w2, w_ref[1])
+    torch.testing.assert_close(state.weights.w1[2], w0.w1[2])  # row 2 never wrote
+    # row 1 wrote one chunk only: equals running that row's first chunk alone
+    _, one = chunk_ttt(q[1:2, :4], k[1:2, :4], v[1:2, :4], eta[1:2, :4], beta[1:2, :1],
+                       TTTState(FastWeights(*(w[1:2] for w in w0)), FastWeights(*(torch.zeros_like(w[1:2]) for w in w0))),
+                       FastWeights(*(r[1:2] for r in row_norms(w0))), chunk_size=chunk)
+    torch.testing.assert_close(state.weights.w3[1:2], one.weights.w3)
+
+
+def test_outer_gradients_match_reference():
+    """Gradients through the whole chunk loop (the outer loop trains q/k/v/eta/beta/W0)."""
+    n, length, d, chunk = 2, 11, 4, 3
+    inputs = [x.clone().requires_grad_() for x in make_inputs(n, length, d, chunk)]
+    w0 = FastWeights(*(w.clone().requires_grad_() for w in random_weights(n, d, 1, scale=1.2)))
+
+    def run(fn):
+        norms = row_norms(w0)
+        if fn is chunk_ttt:
+            zeros = FastWeights(*(torch.zeros_like(w) for w in w0))
+            o, state = chunk_ttt(*inputs, TTTState(w0, zeros), norms, chunk_size=chunk, clip=0.5)
+            final = state.weights
+        else:
+            o, final, _ = naive_ttt(*inputs, w0, None, norms, chunk_size=chunk, clip=0.5)
+        objective = (o.sin()).sum() + sum((w * w).sum() for w in final)
+        return torch.autograd.grad(objective, [*inputs, *w0])
+
+    for a, b in zip(run(chunk_ttt), run(naive_ttt)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_beta_shape_is_a_clear_error():
+    q, k, v, eta, beta = make_inputs(2, 10, 4, 4)
+    w0 = random_weights(2, 4, 1)
+    with pytest.raises(ValueError, match="one per chunk"):
+        chunk_ttt(q, k, v, eta, beta[:, :1], TTTState(w0, w0), row_norms(w0), chunk_size=4)
