@@ -1,0 +1,100 @@
+"""AllMemConfig: how a pretrained decoder is converted, as validated data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+POSITION_MODES = ("rolling", "absolute")
+INIT_MODES = ("attention", "random")
+INNER_LOSSES = ("mse", "dot")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class AllMemConfig:
+    """Everything that defines a converted model besides the base weights.
+
+    Defaults follow ALLMEM_SPEC.md; fields marked (ours) are choices the paper leaves open.
+    """
+
+    window: int = 256
+    """W: tokens of sliding-window attention each query sees (itself included)."""
+    sinks: int = 4
+    """S: first tokens every query keeps attending to (StreamingLLM sinks)."""
+    chunk: int = 128
+    """C: tokens per memory update; keep C <= W so no token falls between window and memory."""
+    positions: Literal["rolling", "absolute"] = "rolling"
+    """(ours) rolling: sinks are seen at distance min(t, S+W-1) - j; absolute: true positions."""
+    memory_heads: int | None = None
+    """H: memory heads; None = the base model's key/value heads."""
+    memory_head_dim: int | None = None
+    """d_h: memory head width; None = the base model's head_dim."""
+    expansion: int = 1
+    """e: SwiGLU hidden width = e * d_h."""
+    conv_kernel: int = 4
+    """Short causal depthwise convolution after the q/k/v projections (0 or 1 disables)."""
+    inner_loss: Literal["mse", "dot"] = "mse"
+    base_lr: float = 0.1
+    """(ours) initial token-wise inner learning rate eta."""
+    momentum_init: float = 0.5
+    """(ours) initial chunk-wise momentum beta."""
+    clip: float | None = 1.0
+    """(ours) tau: per-matrix clip on the Frobenius norm of the inner gradient; None disables."""
+    norm_eps: float = 1e-5
+    init: Literal["attention", "random"] = "attention"
+    """attention: memory k/v copy the attention's k_proj/v_proj, q the group mean of q_proj."""
+    swa_block: int | None = None
+    """Query block of the blocked prefill; None = min(W, 128)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes carried into saved adapters (never read by the model)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        for name in ("window", "chunk"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        need(isinstance(self.sinks, int) and self.sinks >= 0, f"sinks must be an integer >= 0, got {self.sinks!r}")
+        need(self.positions in POSITION_MODES, f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        need(self.init in INIT_MODES, f"init must be one of {INIT_MODES}, got {self.init!r}")
+        need(self.inner_loss in INNER_LOSSES, f"inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
+        for name in ("memory_heads", "memory_head_dim"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value > 0), f"{name} must be None or a positive integer, got {value!r}")
+        need(isinstance(self.expansion, int) and self.expansion >= 1, f"expansion must be an integer >= 1, got {self.expansion!r}")
+        need(isinstance(self.conv_kernel, int) and self.conv_kernel >= 0, f"conv_kernel must be an integer >= 0, got {self.conv_kernel!r}")
+        need(self.base_lr > 0 and math.isfinite(self.base_lr), f"base_lr must be a positive number, got {self.base_lr!r}")
+        need(0.0 < self.momentum_init < 1.0, f"momentum_init must lie strictly between 0 and 1, got {self.momentum_init!r}")
+        need(self.clip is None or self.clip > 0, f"clip must be None or > 0, got {self.clip!r}")
+        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
+        need(self.swa_block is None or (isinstance(self.swa_block, int) and self.swa_block > 0),
+             f"swa_block must be None or a positive integer, got {self.swa_block!r}")
+        if self.chunk > self.window:
+            warnings.warn(
+                f"chunk ({self.chunk}) > window ({self.window}): a token older than the window but inside "
+                "the current chunk is seen by neither the window nor the memory; prefer chunk <= window",
+                stacklevel=3,
+            )
+
+    def replace(self, **changes: Any) -> "AllMemConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AllMemConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown AllMemConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,105 @@
+"""Conversion of a pretrained Hugging Face decoder into AllMem, and rebuilding a saved one."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import PreTrainedModel
+
+from .config import AllMemConfig
+from .modeling import AllMemForCausalLM, read_adapter_config
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
+
+
+class UnsupportedModelError(ValueError):
+    """The base model's family has no conversion."""
+
+
+def _check_family(base: PreTrainedModel) -> None:
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"cannot convert model_type {model_type!r}: AllMem supports {', '.join(SUPPORTED_FAMILIES)} "
+            "(decoder-only models with rotary attention)"
+        )
+    if isinstance(base, AllMemForCausalLM):
+        raise UnsupportedModelError("this model is already an AllMem model")
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None or not hasattr(base, "lm_head"):
+        raise UnsupportedModelError(
+            f"expected a {model_type} *ForCausalLM with .model.layers and .lm_head, got {type(base).__name__}"
+        )
+    for i, layer in enumerate(layers):
+        missing = [name for name in _ATTENTION_PARTS if not hasattr(layer.self_attn, name)]
+        if missing:
+            raise UnsupportedModelError(f"layer {i}'s attention lacks {missing}; it is not a standard {model_type} attention")
+
+
+def init_memory_from_attention(model: AllMemForCausalLM) -> None:
+    """Memory k/v := the attention's k_proj/v_proj; memory q := the mean of the q_proj heads
+    of each key/value group (spec 1.1, init="attention")."""
+    text = model.config.get_text_config()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            wrapper = layer.self_attn
+            attn, memory = wrapper.attn, wrapper.memory
+            kv_width = attn.k_proj.weight.shape[0]
+            if memory.width != kv_width or memory.head_dim != attn.head_dim:
+                raise ValueError(
+                    f"init='attention' needs the memory to be as wide as the attention's keys/values "
+                    f"({text.num_key_value_heads} heads x {attn.head_dim}), but layer {i} has "
+                    f"{memory.heads} x {memory.head_dim}; use init='random' for other widths"
+                )
+            q = attn.q_proj.weight.view(text.num_key_value_heads, -1, attn.head_dim, text.hidden_size)
+            memory.q_proj.weight.copy_(q.mean(dim=1).reshape(kv_width, text.hidden_size))
+            memory.k_proj.weight.copy_(attn.k_proj.weight)
+            memory.v_proj.weight.copy_(attn.v_proj.weight)
+
+
+def convert(base: PreTrainedModel, config: AllMemConfig | None = None, *, base_name: str | None = None) -> AllMemForCausalLM:
+    """Turn ``base`` into an AllMem model in place (its layers are reused, not copied).
+
+    Base weights are frozen; only the memory modules and alpha are trainable. With alpha = 0
+    (the initial value) the result is exactly SWA + sinks; with a window >= the input length
+    it is exactly the original model.
+    """
+    config = config or AllMemConfig()
+    _check_family(base)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    reference = base.lm_head.weight
+    model = AllMemForCausalLM(base, config, base_name=base_name)
+    for p in model.memory_parameters().values():
+        p.data = p.data.to(device=reference.device, dtype=reference.dtype)
+        p.requires_grad_(True)
+    if config.init == "attention":
+        init_memory_from_attention(model)
+    model.train(base.training)
+    return model
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    base: PreTrainedModel | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+) -> AllMemForCausalLM:
+    """Rebuild a saved AllMem model: load the base its adapter names (or use ``base``),
+    convert with the saved config and load the adapter weights. The tokenizer is attached
+    as ``model.tokenizer`` when the base is loaded here."""
+    from .loading import load_base
+
+    meta = read_adapter_config(path)
+    tokenizer = None
+    if base is None:
+        base, tokenizer = load_base(meta["base"], dtype=dtype, device=device)
+    model = convert(base, AllMemConfig.from_dict(meta["allmem"]), base_name=meta["base"])
+    model.load_adapter(path)
+    model.eval()
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
+    return model

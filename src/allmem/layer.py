@@ -1,0 +1,191 @@
+"""The AllMem token mixer: the layer's own attention restricted to sinks + a sliding window,
+in parallel with the test-time-trained memory, fused as y = SWA(x) + alpha * Mem(x).
+
+It replaces a decoder layer's ``self_attn`` and keeps that module's pretrained, frozen
+q/k/v/o projections and q_norm/k_norm. Rotary tables and the per-row bookkeeping arrive in
+a ``Segment`` built once per forward by the model; the layer reads and writes its own slot
+of the cache through ``LayerState``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .config import AllMemConfig
+from .memory import AllMemMemory, MemoryState
+from .ops.swa import swa_blocked, swa_dense
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D] (the Llama/Qwen/Mistral convention)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+@dataclass
+class Segment:
+    """What every layer needs to know about the tokens of one forward call.
+
+    Rows are aligned: each row's ``seq_lens[b]`` real tokens come first, padding after.
+    seen [B]: tokens each row had already consumed. cos/sin [B, T, D] rotate the queries
+    and keys at their true positions; sink_cos/sink_sin rotate queries for their view of the
+    sinks (``rolling`` positions); None means the same as cos/sin.
+    """
+
+    config: AllMemConfig
+    seq_lens: torch.Tensor
+    seen: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    sink_cos: torch.Tensor | None
+    sink_sin: torch.Tensor | None
+    states: list | None  # per-layer LayerState (or None before the first write); None = no cache
+
+
+@dataclass
+class WindowState:
+    """Sinks and the ring buffer of the last W keys/values (post-norm, post-RoPE), with the
+    absolute position held by each slot (-1 = empty). A key at position p sits in slot p % W."""
+
+    sink_k: torch.Tensor  # [B, Hkv, S, D]
+    sink_v: torch.Tensor
+    sink_pos: torch.Tensor  # [B, S]
+    ring_k: torch.Tensor  # [B, Hkv, W, D]
+    ring_v: torch.Tensor
+    ring_pos: torch.Tensor  # [B, W]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class LayerState:
+    window: WindowState
+    memory: MemoryState
+
+
+def _gather_time(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, H, L, D], index [B, K] -> [B, H, K, D]."""
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
+class AllMemAttention(nn.Module):
+    def __init__(self, attention: nn.Module, hidden_size: int, num_kv_heads: int, config: AllMemConfig):
+        super().__init__()
+        self.attn = attention  # the pretrained module: projections, q_norm/k_norm, scaling
+        self.head_dim = attention.head_dim
+        self.num_kv_heads = num_kv_heads
+        self.layer_idx = attention.layer_idx
+        self.memory = AllMemMemory(
+            hidden_size,
+            config.memory_heads or num_kv_heads,
+            config.memory_head_dim or self.head_dim,
+            config,
+        )
+        self.alpha = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, allmem_segment: Segment | None = None, **_unused):
+        if allmem_segment is None:
+            raise RuntimeError(
+                "AllMemAttention was called without a Segment: run the converted model through "
+                "AllMemForCausalLM (allmem.convert) rather than the original model's forward"
+            )
+        seg = allmem_segment
+        state = None if seg.states is None else seg.states[self.layer_idx]
+        keep_state = seg.states is not None
+        attn_out, window_state = self._window_attention(hidden_states, seg, state)
+        mem_out, memory_state = self.memory(
+            hidden_states, seg.seq_lens, None if state is None else state.memory, seg.config, keep_state
+        )
+        if keep_state:
+            seg.states[self.layer_idx] = LayerState(window_state, memory_state)
+        return attn_out + self.alpha.to(mem_out.dtype) * mem_out, None
+
+    # ---------------------------------------------------------------- window
+    def _project(self, x: torch.Tensor):
+        attn = self.attn
+        batch, length, _ = x.shape
+        shape = (batch, length, -1, self.head_dim)
+        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+
+    def _window_attention(self, x: torch.Tensor, seg: Segment, state: LayerState | None):
+        cfg = seg.config
+        window, sinks = cfg.window, cfg.sinks
+        batch, length, _ = x.shape
+        q, k, v = self._project(x)
+        q_win, k = apply_rotary(q, seg.cos, seg.sin), apply_rotary(k, seg.cos, seg.sin)
+        q_sink = q_win if seg.sink_cos is None else apply_rotary(q, seg.sink_cos, seg.sink_sin)
+        groups = q.shape[1] // self.num_kv_heads
+        split = lambda t: t.view(batch, self.num_kv_heads, groups, length, self.head_dim)  # noqa: E731
+        q_win, q_sink = split(q_win), split(q_sink)
+        device = x.device
+        steps = torch.arange(length, device=device)
+        query_pos = seg.seen[:, None] + steps[None]  # [B, T]
+        total = seg.seen + seg.seq_lens
+
+        window_state = state.window if state is not None else None
+        # sinks: positions < S, from the cache when already seen, else from this segment
+        s_idx = torch.arange(sinks, device=device)[None]
+        from_new = sinks + (s_idx - seg.seen[:, None])
+        src = torch.where(s_idx < seg.seen[:, None], s_idx, from_new).clamp(0, sinks + min(sinks, length) - 1)
+        if window_state is None:
+            empty = k.new_zeros(batch, self.num_kv_heads, sinks, self.head_dim)
+            old_sink_k, old_sink_v = empty, empty
+        else:
+            old_sink_k, old_sink_v = window_state.sink_k, window_state.sink_v
+        sink_k = _gather_time(torch.cat([old_sink_k, k[:, :, :sinks]], dim=2), src)
+        sink_v = _gather_time(torch.cat([old_sink_v, v[:, :, :sinks]], dim=2), src)
+        sink_pos = torch.where(s_idx < total[:, None], s_idx, torch.full_like(s_idx, -1))
+        sink_args = dict(q_sink=q_sink, k_sink=sink_k, v_sink=sink_v, sink_pos=sink_pos)
+
+        if window_state is None:
+            keys, values, key_pos = k, v, query_pos  # keys are the segment itself (P = 0)
+            out = swa_blocked(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+                              block=cfg.swa_block, **sink_args)
+        elif length == 1:
+            # decode: the ring in slot order plus the new key; positions do the masking
+            keys = torch.cat([window_state.ring_k, k], dim=2)
+            values = torch.cat([window_state.ring_v, v], dim=2)
+            key_pos = torch.cat([window_state.ring_pos, query_pos], dim=1)
+            out = swa_dense(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+                            **sink_args)
+        else:
+            # the ring in position order (oldest first), then the segment: query j is key W + j
+            order = (seg.seen[:, None] - window + torch.arange(window, device=device)[None]) % window
+            keys = torch.cat([_gather_time(window_state.ring_k, order), k], dim=2)
+            values = torch.cat([_gather_time(window_state.ring_v, order), v], dim=2)
+            key_pos = torch.cat([window_state.ring_pos.gather(1, order), query_pos], dim=1)
+            out = swa_blocked(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+                              block=cfg.swa_block, **sink_args)
+        out = out.reshape(batch, -1, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+        attn_out = self.attn.o_proj(out)
+        if seg.states is None:
+            return attn_out, None
+
+        # new ring: slot r holds the latest position p < total with p % W == r
+        slot = torch.arange(window, device=device)[None]
+        newest = total[:, None] - 1
+        p = newest - (newest - slot) % window  # [B, W]
+        if window_state is None or length > 1:
+            # keys/values are position-contiguous from seen (fresh) or from seen - W (ordered ring)
+            base = seg.seen[:, None] - (0 if window_state is None else window)
+            idx = (p - base).clamp(0, keys.shape[2] - 1)
+            ring_k, ring_v = _gather_time(keys, idx), _gather_time(values, idx)
+            ring_pos = torch.where(p >= 0, p, torch.full_like(p, -1))
+        else:
+            write = (seg.seen % window).view(batch, 1)
+            hit = slot == write  # [B, W]
+            ring_k = torch.where(hit[:, None, :, None], k, window_state.ring_k)
+            ring_v = torch.where(hit[:, None, :, None], v, window_state.ring_v)
+            ring_pos = torch.where(hit, seg.seen[:, None], window_state.ring_pos)
+        return attn_out, WindowState(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)

@@ -1,0 +1,315 @@
+"""The AllMem memory module (spec 1.1-1.4): projections, short conv, norms, eta/beta heads,
+the chunked test-time-trained SwiGLU memory, output norm, gate and projection.
+
+Works on the *aligned* layout every layer of the converted model uses: in each row the
+segment's real tokens come first (``seq_lens`` of them) and padding follows, so chunk
+boundaries count from each sequence's first real token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AllMemConfig
+from .ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms, swiglu_read, ttt_update
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, or over each of ``groups`` equal slices of it (per head)."""
+
+    def __init__(self, width: int, groups: int = 1, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.groups, self.eps = groups, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x32 = x.float().view(*shape[:-1], self.groups, shape[-1] // self.groups)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32.view(shape) * self.weight.float()).to(x.dtype)
+
+
+@dataclass
+class MemoryState:
+    """Constant-size recurrent state of one memory layer (batch B, heads H, chunk C).
+
+    weights/momentum: fast weights and momentum, [B, H, ., .] per matrix.
+    buffer_*: the partial chunk not yet written: keys/values [B, H, C, d_h], eta and the
+    bias-free beta logits [B, H, C]; ``fill`` [B] says how many slots are used.
+    conv: the last kernel-1 projected inputs [B, kernel-1, 3 * H * d_h].
+    """
+
+    weights: FastWeights
+    momentum: FastWeights
+    buffer_k: torch.Tensor
+    buffer_v: torch.Tensor
+    buffer_eta: torch.Tensor
+    buffer_beta: torch.Tensor
+    fill: torch.Tensor
+    conv: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                out.update({f"{f.name}.{i}": t for i, t in enumerate(value)})
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "MemoryState":
+        def triple(name):
+            return FastWeights(*(tensors[f"{name}.{i}"] for i in range(3)))
+
+        plain = {f.name: tensors[f.name] for f in fields(cls) if f.name not in ("weights", "momentum")}
+        return cls(weights=triple("weights"), momentum=triple("momentum"), **plain)
+
+    def map(self, fn) -> "MemoryState":
+        """Apply ``fn`` to every tensor (e.g. batch reordering), keeping the structure."""
+        return MemoryState.from_tensors({k: fn(v) for k, v in self.tensors().items()})
+
+
+def _write_slot(buffer: torch.Tensor, new: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """buffer [B, H, C, ...] with new [B, H, 1, ...] written at time slot[b] of every row."""
+    index = slot.view(-1, 1, 1).expand(buffer.shape[0], buffer.shape[1], 1)
+    if buffer.dim() == 4:
+        index = index.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
+    return buffer.scatter(2, index, new.to(buffer.dtype))
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class AllMemMemory(nn.Module):
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, config: AllMemConfig):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        width = heads * head_dim
+        self.width = width
+        self.q_proj = nn.Linear(hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(hidden_size, width, bias=False)
+        self.conv_kernel = max(config.conv_kernel, 1)
+        # depthwise causal conv over [q | k | v]; starts as the identity (last tap = 1) so an
+        # attention-initialised memory reads the attention's own keys and values at first
+        conv = torch.zeros(3 * width, self.conv_kernel)
+        conv[:, -1] = 1.0
+        self.conv_weight = nn.Parameter(conv)
+        self.q_norm = RMSNorm(width)
+        self.k_norm = RMSNorm(width)
+        self.eta_proj = nn.Linear(hidden_size, heads)
+        self.beta_proj = nn.Linear(hidden_size, heads)
+        feat = config.expansion * head_dim
+        self.w1_init = nn.Parameter(torch.randn(heads, feat, head_dim) / math.sqrt(head_dim))
+        self.w2_init = nn.Parameter(torch.randn(heads, head_dim, feat) / math.sqrt(feat) * 0.1)
+        self.w3_init = nn.Parameter(torch.randn(heads, feat, head_dim) / math.sqrt(head_dim))
+        self.out_norm = RMSNorm(width, groups=heads)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.o_proj = nn.Linear(width, hidden_size, bias=False)
+        self.reset_control_heads(config)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.o_proj):
+            nn.init.normal_(proj.weight, std=0.02)
+
+    def reset_control_heads(self, config: AllMemConfig) -> None:
+        """eta starts at base_lr and beta at momentum_init for every token (zero weights)."""
+        with torch.no_grad():
+            self.eta_proj.weight.zero_()
+            self.eta_proj.bias.fill_(_inverse_softplus(config.base_lr))
+            self.beta_proj.weight.zero_()
+            self.beta_proj.bias.fill_(math.log(config.momentum_init / (1 - config.momentum_init)))
+
+    # ----------------------------------------------------------------- state
+    def initial_weights(self) -> FastWeights:
+        return FastWeights(self.w1_init, self.w2_init, self.w3_init)
+
+    def empty_state(self, batch: int, chunk: int, device=None, dtype=None) -> MemoryState:
+        w0 = self.initial_weights()
+        dtype = dtype or self.w1_init.dtype
+        device = device or self.w1_init.device
+        weights = FastWeights(*(w.detach().to(dtype).unsqueeze(0).repeat(batch, 1, 1, 1) for w in w0))
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        return MemoryState(
+            weights=weights,
+            momentum=FastWeights(*(torch.zeros_like(w) for w in weights)),
+            buffer_k=zeros(batch, self.heads, chunk, self.head_dim),
+            buffer_v=zeros(batch, self.heads, chunk, self.head_dim),
+            buffer_eta=zeros(batch, self.heads, chunk),
+            buffer_beta=zeros(batch, self.heads, chunk),
+            fill=torch.zeros(batch, dtype=torch.long, device=device),
+            conv=zeros(batch, self.conv_kernel - 1, 3 * self.width),
+        )
+
+    # --------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_lens: torch.Tensor,
+        state: MemoryState | None,
+        config: AllMemConfig,
+        keep_state: bool,
+    ) -> tuple[torch.Tensor, MemoryState | None]:
+        """x [B, T, d] aligned (real tokens first), seq_lens [B] -> (Mem(x) [B, T, d], state)."""
+        batch, length, _ = x.shape
+        chunk = config.chunk
+        valid = torch.arange(length, device=x.device)[None] < seq_lens[:, None]  # [B, T]
+        x = x * valid.unsqueeze(-1).to(x.dtype)
+        fresh = state is None
+        if fresh:
+            # training/one-shot prefill: read the learned initial weights in-graph
+            state = self.empty_state(batch, chunk, x.device, x.dtype)
+            state.weights = FastWeights(*(w.unsqueeze(0).expand(batch, -1, -1, -1) for w in self.initial_weights()))
+        elif state.buffer_k.shape[2] != chunk:
+            raise ValueError(
+                f"the cache was built with chunk {state.buffer_k.shape[2]} but the model now uses chunk {chunk}; "
+                "start a new cache after changing the chunk size"
+            )
+
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3 Hd]
+        qkv, conv_state = self._conv(qkv, state.conv, seq_lens)
+        q, k, v = F.silu(qkv).split(self.width, dim=-1)
+        q = self._heads(F.normalize(self._split(self.q_norm(q)), dim=-1))  # [B, H, T, d_h]
+        k = self._heads(F.normalize(self._split(self.k_norm(k)), dim=-1))
+        v = self._heads(self._split(v))
+        eta = (F.softplus(self.eta_proj(x)) * valid.unsqueeze(-1)).transpose(1, 2)  # [B, H, T]
+        beta_logits = F.linear(x, self.beta_proj.weight).transpose(1, 2)  # [B, H, T]
+        norms = self._reference_norms(batch)
+
+        if length == 1 and bool((seq_lens == 1).all()) and not fresh:
+            o, new_state = self._decode_step(q, k, v, eta, beta_logits, state, norms, config)
+        else:
+            o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
+        if new_state is not None:
+            new_state.conv = conv_state
+
+        o = o.transpose(1, 2).reshape(batch, length, self.width)
+        o = self.out_norm(o) * torch.sigmoid(self.gate_proj(x))
+        return self.o_proj(o), new_state
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:-1], self.heads, self.head_dim)
+
+    @staticmethod
+    def _heads(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2)  # [B, T, H, d] -> [B, H, T, d]
+
+    def _reference_norms(self, batch: int) -> FastWeights:
+        # n0 of the learned initial weights, shared by every sequence of the batch
+        return FastWeights(*(n.repeat(batch, 1, 1) for n in row_norms(self.initial_weights())))
+
+    def _conv(self, inputs: torch.Tensor, conv_state: torch.Tensor, seq_lens: torch.Tensor):
+        """Causal depthwise conv continuing from ``conv_state``; the new state is the last
+        kernel-1 *real* inputs of every row."""
+        kernel = self.conv_kernel
+        if kernel == 1:
+            return inputs * self.conv_weight[:, 0], conv_state
+        full = torch.cat([conv_state.to(inputs.dtype), inputs], dim=1)  # [B, K-1+T, ch]
+        out = F.conv1d(full.transpose(1, 2), self.conv_weight.unsqueeze(1).to(inputs.dtype), groups=full.shape[-1])
+        idx = seq_lens[:, None] + torch.arange(kernel - 1, device=inputs.device)[None]  # [B, K-1]
+        new_state = full.gather(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+        return out.transpose(1, 2), new_state
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, *t.shape[2:])  # [B, H, ...] -> [B*H, ...]
+
+    def _state_flat(self, state: MemoryState) -> TTTState:
+        return TTTState(FastWeights(*map(self._flat, state.weights)), FastWeights(*map(self._flat, state.momentum)))
+
+    def _unflat(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        return t.view(batch, self.heads, *t.shape[1:])
+
+    def _beta(self, logits_sum: torch.Tensor, count: int) -> torch.Tensor:
+        return torch.sigmoid(logits_sum / count + self.beta_proj.bias.view(-1, *([1] * (logits_sum.dim() - 2))))
+
+    def _decode_step(self, q, k, v, eta, beta_logits, state: MemoryState, norms, config):
+        """One token per row: read, append to the partial chunk, write rows whose chunk filled."""
+        batch = q.shape[0]
+        chunk = config.chunk
+        o = swiglu_read(self._flat(q), FastWeights(*map(self._flat, state.weights)))  # [BH, 1, d]
+        buffer_k, buffer_v = _write_slot(state.buffer_k, k, state.fill), _write_slot(state.buffer_v, v, state.fill)
+        buffer_eta = _write_slot(state.buffer_eta, eta, state.fill)
+        buffer_beta = _write_slot(state.buffer_beta, beta_logits, state.fill)
+        fill = state.fill + 1
+        full = fill == chunk
+        weights, momentum = state.weights, state.momentum
+        if bool(full.any()):
+            beta = self._beta(buffer_beta.sum(-1), chunk)  # [B, H]
+            new = ttt_update(
+                self._state_flat(state), self._flat(buffer_k), self._flat(buffer_v), self._flat(buffer_eta),
+                self._flat(beta), norms, loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
+                apply=full.repeat_interleave(self.heads),
+            )
+            weights = FastWeights(*(self._unflat(w, batch) for w in new.weights))
+            momentum = FastWeights(*(self._unflat(m, batch) for m in new.momentum))
+            fill = torch.where(full, torch.zeros_like(fill), fill)
+        new_state = MemoryState(weights, momentum, buffer_k, buffer_v, buffer_eta, buffer_beta, fill, state.conv)
+        return self._unflat(o, batch), new_state
+
+    def _segment(self, q, k, v, eta, beta_logits, state: MemoryState, norms, seq_lens, config, keep_state):
+        """Many tokens: prepend each row's partial chunk, run the chunked op, re-buffer the tail."""
+        batch, heads, length, dim = q.shape
+        chunk = config.chunk
+        fill = state.fill
+        device = q.device
+        total = fill + seq_lens  # tokens of each row in the combined sequence
+        comb_len = int(fill.max()) + length
+        # combined position i of row b reads buffer slot i (i < fill_b) or new token i - fill_b
+        pos = torch.arange(comb_len, device=device)[None]
+        src = torch.where(pos < fill[:, None], pos, chunk + pos - fill[:, None]).clamp(max=chunk + length - 1)
+
+        def combine(buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            both = torch.cat([buffer.to(new.dtype), new], dim=2)
+            index = src[:, None, :].expand(batch, heads, comb_len)
+            if both.dim() == 4:
+                index = index.unsqueeze(-1).expand(-1, -1, -1, both.shape[-1])
+            return both.gather(2, index)
+
+        q_c = combine(torch.zeros_like(state.buffer_k), q)
+        k_c, v_c = combine(state.buffer_k, k), combine(state.buffer_v, v)
+        eta_c, beta_c = combine(state.buffer_eta, eta), combine(state.buffer_beta, beta_logits)
+        num_chunks = -(-comb_len // chunk)
+        padded = num_chunks * chunk
+        chunk_sums = F.pad(beta_c, (0, padded - comb_len)).view(batch, heads, num_chunks, chunk).sum(-1)
+        beta = self._beta(chunk_sums, chunk)  # [B, H, nc]
+        ends = (torch.arange(num_chunks, device=device) + 1) * chunk
+        update_mask = (ends[None] <= total[:, None]).repeat_interleave(heads, dim=0)  # [BH, nc]
+
+        o_c, final = chunk_ttt(
+            self._flat(q_c), self._flat(k_c), self._flat(v_c), self._flat(eta_c), self._flat(beta),
+            self._state_flat(state), norms, chunk_size=chunk, loss=config.inner_loss, clip=config.clip,
+            eps=config.norm_eps, update_mask=update_mask,
+        )
+        out_index = (fill[:, None] + torch.arange(length, device=device)[None]).clamp(max=comb_len - 1)
+        o = self._unflat(o_c, batch).gather(2, out_index[:, None, :, None].expand(-1, heads, -1, dim))
+        if not keep_state:
+            return o, None
+
+        # the new partial chunk: combined positions [C * full_chunks, total) of every row
+        written = (total // chunk) * chunk
+        new_fill = total - written
+        slots = torch.arange(chunk, device=device)[None]
+        take = (written[:, None] + slots).clamp(max=comb_len - 1)  # [B, C]
+        live = slots < new_fill[:, None]
+
+        def rebuffer(t: torch.Tensor) -> torch.Tensor:
+            index = take[:, None, :].expand(batch, heads, chunk)
+            mask = live[:, None, :]
+            if t.dim() == 4:
+                index = index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1])
+                mask = mask.unsqueeze(-1)
+            return t.gather(2, index) * mask
+
+        new_state = MemoryState(
+            weights=FastWeights(*(self._unflat(w, batch) for w in final.weights)),
+            momentum=FastWeights(*(self._unflat(m, batch) for m in final.momentum)),
+            buffer_k=rebuffer(k_c), buffer_v=rebuffer(v_c), buffer_eta=rebuffer(eta_c),
+            buffer_beta=rebuffer(beta_c), fill=new_fill, conv=state.conv,
+        )
+        return o, new_state

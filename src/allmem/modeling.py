@@ -1,0 +1,298 @@
+"""AllMemForCausalLM: a converted decoder with Hugging Face-style forward, generate and
+save/load of the trainable adapter.
+
+The base model's embeddings, decoder layers (MLP, norms), final norm and LM head are
+reused as they are; each layer's ``self_attn`` is an ``AllMemAttention``. The forward runs
+its own loop over the layers so that no L x L mask is ever built, and keeps every row
+*aligned* (real tokens first) while inside the layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .cache import AllMemCache
+from .config import AllMemConfig
+from .layer import AllMemAttention, Segment
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "allmem_config.json"
+ADAPTER_FORMAT = "allmem-adapter/1"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter was applied to a base model other than the one it was trained on."""
+
+
+def base_signature(model: torch.nn.Module, config: PretrainedConfig) -> dict[str, Any]:
+    """Shape facts plus a weight checksum that identify a base model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    first_attention = model.model.layers[0].self_attn
+    attn = getattr(first_attention, "attn", first_attention)
+    return {
+        "model_type": text.model_type,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "head_dim": head_dim,
+        "vocab_size": text.vocab_size,
+        "checksum": float(attn.q_proj.weight.detach().double().abs().sum()),
+    }
+
+
+def check_signature(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+    for key, want in expected.items():
+        got = actual.get(key)
+        if key == "checksum":
+            if got is None or not math.isclose(want, got, rel_tol=1e-3):
+                raise AdapterMismatchError(
+                    f"the adapter at {where} was trained on different base weights (checksum {want:.6g}, "
+                    f"this base {got:.6g}); load the base it names in {ADAPTER_CONFIG}"
+                )
+        elif want != got:
+            raise AdapterMismatchError(
+                f"the adapter at {where} was trained on a base with {key}={want!r}, but this base has {key}={got!r}; "
+                f"load the base it names in {ADAPTER_CONFIG}"
+            )
+
+
+class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PretrainedConfig
+    base_model_prefix = "model"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _is_stateful = True
+    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
+
+    def __init__(self, base: PreTrainedModel, allmem_config: AllMemConfig, base_name: str | None = None):
+        super().__init__(base.config)
+        for item in (*base.modules(), *base.parameters()):
+            item._is_hf_initialized = True  # post_init must never touch pretrained weights
+        self.model = base.model
+        self.lm_head = base.lm_head
+        if getattr(base.config, "tie_word_embeddings", False):
+            self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+        self.generation_config = base.generation_config
+        self.allmem_config = allmem_config
+        self.base_name = base_name or getattr(base, "allmem_base_name", None) or base.config._name_or_path
+        object.__setattr__(self, "_base", base)  # not a submodule: its parameters are ours already
+        self._signature = base_signature(base, base.config)
+        text = base.config.get_text_config()
+        for layer in self.model.layers:
+            layer.self_attn = AllMemAttention(layer.self_attn, text.hidden_size, text.num_key_value_heads, allmem_config)
+        self.post_init()
+
+    def _init_weights(self, module):  # every new module initialises itself on construction
+        pass
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must let forward create an AllMemCache
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    # -------------------------------------------------------------- helpers
+    def memory_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable adapter: memory modules and alpha of every layer."""
+        return {n: p for n, p in self.named_parameters() if ".memory." in n or n.endswith(".alpha")}
+
+    def set_runtime(self, **changes: Any) -> None:
+        """Change window / sinks / chunk (e.g. randomised training); validated like the config."""
+        self.allmem_config = self.allmem_config.replace(**changes)
+
+    def new_cache(self) -> AllMemCache:
+        c = self.allmem_config
+        return AllMemCache(len(self.model.layers), c.window, c.sinks, c.chunk)
+
+    @contextlib.contextmanager
+    def original_attention(self):
+        """Temporarily restore the pretrained full attention: ``self.base(...)`` is then the
+        original model (the distillation teacher, the full-attention baseline)."""
+        wrappers = [layer.self_attn for layer in self.model.layers]
+        try:
+            for layer, wrapper in zip(self.model.layers, wrappers):
+                layer.self_attn = wrapper.attn
+            yield self._base
+        finally:
+            for layer, wrapper in zip(self.model.layers, wrappers):
+                layer.self_attn = wrapper
+
+    # -------------------------------------------------------------- forward
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: AllMemCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Like a Hugging Face causal LM. ``attention_mask`` [B, past + T] marks padding (left or
+        right); ``position_ids`` are ignored: positions come from each row's real-token count."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if use_cache is None:
+            use_cache = cache is not None or (not self.training and self.config.use_cache)
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if cache is not None:
+            self._check_cache(cache, batch)
+
+        if attention_mask is None:
+            real = torch.ones(batch, length, dtype=torch.bool, device=device)
+        else:
+            real = attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+        seq_lens = real.sum(1)
+        padded = not bool(real.all())
+        if padded:
+            order, inverse = _alignment(real, seq_lens)
+            inputs_embeds = inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
+
+        cfg = self.allmem_config
+        seen = cache.seen if cache is not None and cache.seen is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        positions = seen[:, None] + torch.arange(length, device=device)[None]
+        rotary = self.model.rotary_emb
+        cos, sin = rotary(inputs_embeds, position_ids=positions)
+        sink_cos = sink_sin = None
+        if cfg.positions == "rolling" and cfg.sinks > 0:
+            sink_cos, sink_sin = rotary(inputs_embeds, position_ids=positions.clamp(max=cfg.sinks + cfg.window - 1))
+        segment = Segment(
+            config=cfg, seq_lens=seq_lens, seen=seen, cos=cos, sin=sin, sink_cos=sink_cos, sink_sin=sink_sin,
+            states=cache.layers if cache is not None else None,
+        )
+        hidden = inputs_embeds
+        for layer in self.model.layers:
+            hidden = layer(hidden, allmem_segment=segment)
+        if padded:
+            hidden = hidden.gather(1, inverse[..., None].expand_as(hidden))
+        if cache is not None:
+            cache.seen = seen + seq_lens
+            cache.columns += length
+
+        hidden = self.model.norm(hidden)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _check_cache(self, cache: AllMemCache, batch: int) -> None:
+        if not isinstance(cache, AllMemCache):
+            raise TypeError(f"an AllMem model needs an AllMemCache (model.new_cache()), got {type(cache).__name__}")
+        cfg = self.allmem_config
+        if (cache.window, cache.sinks, cache.chunk) != (cfg.window, cfg.sinks, cfg.chunk):
+            raise ValueError(
+                f"the cache was built for window={cache.window}, sinks={cache.sinks}, chunk={cache.chunk} but the "
+                f"model runs window={cfg.window}, sinks={cfg.sinks}, chunk={cfg.chunk}; start a new cache"
+            )
+        if cache.batch_size not in (0, batch):
+            raise ValueError(f"the cache holds {cache.batch_size} sequences but the input has {batch}")
+
+    # ------------------------------------------------------------ save/load
+    def save_pretrained(self, save_directory: str | os.PathLike, **_ignored: Any) -> None:
+        """Write the adapter (memory parameters + config naming the base), atomically."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            tensors = {n: p.detach().contiguous().cpu() for n, p in self.memory_parameters().items()}
+            save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
+            meta = {
+                "format": ADAPTER_FORMAT,
+                "base": self.base_name,
+                "base_signature": self._signature,
+                "allmem": self.allmem_config.to_dict(),
+                "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+            }
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+            target.mkdir(exist_ok=True)
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                os.replace(tmp / name, target / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        meta = read_adapter_config(directory)
+        check_signature(meta["base_signature"], self._signature, str(directory))
+        weights_path = directory / ADAPTER_WEIGHTS
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} is missing: the adapter directory is incomplete")
+        tensors = load_file(str(weights_path))
+        params = self.memory_parameters()
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise AdapterMismatchError(
+                f"{weights_path} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.shape != tensors[name].shape:
+                    raise AdapterMismatchError(f"{name}: adapter shape {tuple(tensors[name].shape)} != model {tuple(p.shape)}")
+                p.copy_(tensors[name].to(p.dtype))
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no AllMem adapter at {directory}: {ADAPTER_CONFIG} is missing (create one with "
+            "`allmem convert ... --out DIR` or model.save_pretrained(DIR))"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    return meta
+
+
+def _alignment(real: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permutation putting each row's real tokens first (order kept) and its inverse.
+
+    Real tokens must be contiguous in each row (left or right padding), otherwise the
+    sequence would not be a sequence.
+    """
+    length = real.shape[1]
+    first = real.float().argmax(1)
+    idx = torch.arange(length, device=real.device)[None]
+    expected = (idx >= first[:, None]) & (idx < (first + seq_lens)[:, None])
+    if not bool((expected == real).all()):
+        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right padding)")
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    return order, torch.argsort(order, dim=1)
