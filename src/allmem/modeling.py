@@ -293,6 +293,9 @@ def _alignment(real: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor
     idx = torch.arange(length, device=real.device)[None]
     expected = (idx >= first[:, None]) & (idx < (first + seq_lens)[:, None])
     if not bool((expected == real).all()):
-        raise ValueError("attention_mask must mark one contiguous run of real tokens per row (left or right padding)")
+        raise ValueError(
+            "attention_mask must mark one contiguous run of real tokens per row (left or right padding); "
+            "if generate() inferred the mask from a pad token that also occurs inside a prompt, pass attention_mask"
+        )
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
     return order, torch.argsort(order, dim=1)

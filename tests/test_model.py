@@ -1,0 +1,198 @@
+"""The converted model against independent references: the original model, a dense
+sink+window mask through the original model, token-by-token decoding, single rows."""
+
+import copy
+
+import pytest
+import torch
+
+import allmem
+from conftest import TINY_FAMILIES, randomise_memory, tiny_base
+
+VOCAB = 128
+
+
+def ids(batch, length, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_alpha_zero_huge_window_is_the_original_model(family):
+    base = tiny_base(family)
+    x = ids(2, 50)
+    with torch.no_grad():
+        expected = base(x).logits
+        model = allmem.convert(copy.deepcopy(base), allmem.AllMemConfig(window=64, sinks=4, chunk=16))
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,sinks", [(8, 3), (5, 0), (16, 1)])
+def test_alpha_zero_small_window_equals_dense_mask_reference(window, sinks):
+    """Absolute positions: the original model under a boolean sink+window mask."""
+    base = tiny_base("qwen3")
+    length = 45
+    x = ids(1, length)
+    t, j = torch.arange(length)[:, None], torch.arange(length)[None]
+    allowed = (j <= t) & ((j > t - window) | (j < sinks))
+    mask = torch.zeros(1, 1, length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        expected = base(x, attention_mask=mask).logits
+        full = base(x).logits
+        cfg = allmem.AllMemConfig(window=window, sinks=sinks, chunk=min(4, window), positions="absolute")
+        got = allmem.convert(copy.deepcopy(base), cfg)(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - full).abs().max() > 1e-2  # the window really cut something
+
+
+def test_rolling_positions_match_absolute_until_the_sinks_move_and_differ_after():
+    base = tiny_base("qwen3")
+    x = ids(1, 40)
+    window, sinks = 8, 3
+    with torch.no_grad():
+        rolling = allmem.convert(copy.deepcopy(base), allmem.AllMemConfig(window=window, sinks=sinks, chunk=8))(x).logits
+        absolute = allmem.convert(
+            copy.deepcopy(base), allmem.AllMemConfig(window=window, sinks=sinks, chunk=8, positions="absolute")
+        )(x).logits
+    edge = sinks + window - 1  # the first query whose sinks are seen at a clamped distance is edge + 1
+    torch.testing.assert_close(rolling[:, : edge + 1], absolute[:, : edge + 1])
+    assert (rolling[:, edge + 1 :] - absolute[:, edge + 1 :]).abs().max() > 1e-4
+
+
+def converted(window=8, sinks=2, chunk=4, family="qwen3", **kw):
+    model = allmem.convert(tiny_base(family), allmem.AllMemConfig(window=window, sinks=sinks, chunk=chunk, **kw))
+    return randomise_memory(model)
+
+
+@pytest.mark.parametrize("chunk,window,conv", [(4, 8, 4), (3, 8, 4), (8, 8, 0), (5, 6, 2)])
+def test_prefill_equals_token_by_token_decoding(chunk, window, conv):
+    model = converted(window=window, chunk=chunk, conv_kernel=conv)
+    x = ids(2, 29)  # several chunk boundaries, a partial last chunk
+    with torch.no_grad():
+        prefill = model(x, use_cache=False).logits
+        cache = model.new_cache()
+        steps = torch.cat([model(x[:, t : t + 1], cache=cache).logits for t in range(x.shape[1])], dim=1)
+    torch.testing.assert_close(steps, prefill, rtol=1e-4, atol=1e-5)
+    # the memory changes the output, so this is not just SWA being compared with itself
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.alpha.zero_()
+        assert (model(x, use_cache=False).logits - prefill).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("split", [[1, 12, 16], [7, 7, 7, 8], [20, 9]])
+def test_segments_of_any_size_equal_one_prefill(split):
+    model = converted(window=8, chunk=4)
+    x = ids(2, sum(split))
+    with torch.no_grad():
+        whole = model(x, use_cache=False).logits
+        cache, outs, start = model.new_cache(), [], 0
+        for n in split:
+            outs.append(model(x[:, start : start + n], cache=cache).logits)
+            start += n
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-4, atol=1e-5)
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    model = converted(window=8, chunk=4)
+    lengths = [23, 14, 5]
+    rows = [ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    with torch.no_grad():
+        cache = model.new_cache()
+        out = model(batch, attention_mask=mask, cache=cache).logits
+        # continue decoding 9 tokens (crossing chunk boundaries at different steps per row)
+        extra = ids(len(rows), 9, seed=7)
+        dec = []
+        for t in range(9):
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+            dec.append(model(extra[:, t : t + 1], attention_mask=mask, cache=cache).logits)
+        dec = torch.cat(dec, 1)
+        for i, r in enumerate(rows):
+            alone = model(torch.cat([r, extra[i]])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(out[i, width - len(r) :], alone[: len(r)], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(dec[i], alone[len(r) :], rtol=1e-4, atol=1e-5)
+
+
+def test_generate_greedy_left_padded_matches_single_rows_and_sampling_runs():
+    model = converted(window=8, chunk=4)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    a, b = ids(1, 11, seed=3)[0], ids(1, 6, seed=4)[0]
+    batch = torch.stack([a, torch.cat([torch.zeros(5, dtype=torch.long), b])])
+    mask = (torch.arange(11)[None] >= torch.tensor([[0], [5]])).long()
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        for row, prompt in zip(together, (a, b)):
+            alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   max_new_tokens=12, do_sample=False)[0]
+            assert torch.equal(row[-12:], alone[-12:])
+        torch.manual_seed(0)
+        sampled = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20)
+    assert sampled.shape == (2, 23)
+
+
+def test_cache_size_is_constant():
+    model = converted(window=16, sinks=4, chunk=8)
+    cache, sizes = model.new_cache(), {}
+    with torch.no_grad():
+        model(ids(1, 1000), cache=cache)  # prefill 1k
+        sizes[1000] = cache.nbytes()
+        for n in range(3):
+            model(ids(1, 1000, seed=n + 1), cache=cache)
+        sizes[4000] = cache.nbytes()
+        for _ in range(5):  # decode steps, buffer fills and flushes
+            model(ids(1, 1), cache=cache)
+        for n in range(12):
+            model(ids(1, 1000, seed=n + 9), cache=cache)
+        sizes[16005] = cache.nbytes()
+    assert int(cache.seen[0]) == 16005
+    assert len(set(sizes.values())) == 1, sizes
+
+
+def test_saved_cache_continues_a_stream_exactly(tmp_path):
+    model = converted(window=8, chunk=4)
+    x = ids(2, 30)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(x[:, :17], cache=cache)
+        path = tmp_path / "state.safetensors"
+        cache.save(path)
+        expected = model(x[:, 17:], cache=cache).logits
+        restored = allmem.AllMemCache.load(path)
+        got = model(x[:, 17:], cache=restored).logits
+    assert torch.equal(got, expected)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_adapter_round_trip(tmp_path):
+    model = converted(window=8, chunk=4)
+    x = ids(1, 20)
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter.safetensors", "allmem_config.json"]
+    rebuilt = allmem.from_pretrained(tmp_path / "adapter", base=tiny_base("qwen3"))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x).logits, expected)
+    trainable = {n for n, p in rebuilt.named_parameters() if p.requires_grad}
+    assert trainable == set(rebuilt.memory_parameters())
+    assert all(".memory." in n or n.endswith("alpha") for n in trainable)
+
+
+def test_only_memory_parameters_train():
+    model = converted(window=8, chunk=4)
+    model.train()
+    x = ids(2, 20)
+    model(x, use_cache=False).logits.square().mean().backward()
+    for name, p in model.named_parameters():
+        if name in model.memory_parameters():
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
