@@ -196,3 +196,14 @@ def test_only_memory_parameters_train():
             assert p.grad is not None, name
         else:
             assert p.grad is None and not p.requires_grad, name
+
+
+def test_attention_initialisation_copies_keys_values_and_group_mean_queries():
+    base = tiny_base("qwen3")
+    q = base.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    k = base.model.layers[1].self_attn.k_proj.weight.detach().clone()
+    model = allmem.convert(base, allmem.AllMemConfig(init="attention"))
+    memory = model.model.layers[1].self_attn.memory
+    assert torch.equal(memory.k_proj.weight, k)
+    # 4 query heads, 2 key/value heads of 16: memory head 0 = mean of query heads 0 and 1
+    torch.testing.assert_close(memory.q_proj.weight[:16], (q[:16] + q[16:32]) / 2)

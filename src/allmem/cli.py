@@ -1,0 +1,228 @@
+"""Command line: ``allmem convert``, ``allmem generate``, ``allmem demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_BASE = "smollm2"
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {sorted(table)}")
+    return table[name]
+
+
+def _add_conversion_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conversion (used when --model/--base is a base model, not an adapter)")
+    g.add_argument("--window", type=int, default=256, help="sliding window W in tokens (default 256)")
+    g.add_argument("--sinks", type=int, default=4, help="sink tokens S (default 4)")
+    g.add_argument("--chunk", type=int, default=128, help="memory chunk C in tokens, <= window (default 128)")
+    g.add_argument("--positions", choices=["rolling", "absolute"], default="rolling",
+                   help="rotary positions of the sinks (default rolling)")
+    g.add_argument("--init", choices=["attention", "random"], default="attention",
+                   help="memory q/k/v initialisation (default: copy the attention's)")
+    g.add_argument("--expansion", type=int, default=1, help="SwiGLU expansion of the fast weights (default 1)")
+    g.add_argument("--base-lr", type=float, default=0.1, help="initial inner learning rate eta (default 0.1)")
+
+
+def _allmem_config(args):
+    from .config import AllMemConfig
+
+    return AllMemConfig(window=args.window, sinks=args.sinks, chunk=args.chunk, positions=args.positions,
+                        init=args.init, expansion=args.expansion, base_lr=args.base_lr)
+
+
+def _load_model(spec: str, args):
+    """An adapter directory (allmem_config.json inside) or a base model to convert."""
+    from . import convert, from_pretrained, load_base
+    from .modeling import ADAPTER_CONFIG
+
+    if (Path(spec) / ADAPTER_CONFIG).is_file():
+        model = from_pretrained(spec, dtype=args.dtype)
+        model.tokenizer.model_max_length = 10**12
+        return model, model.tokenizer
+    config = _allmem_config(args)
+    base, tokenizer = load_base(spec, dtype=args.dtype)
+    tokenizer.model_max_length = 10**12  # the converted model has no context limit
+    return convert(base, config, base_name=spec).eval(), tokenizer
+
+
+# ---------------------------------------------------------------- commands
+def cmd_convert(args) -> int:
+    from . import convert, load_base
+
+    config = _allmem_config(args)  # validate before the (slow) load
+    base, _ = load_base(args.base, dtype=args.dtype)
+    model = convert(base, config, base_name=args.base)
+    model.save_pretrained(args.out)
+    n = sum(p.numel() for p in model.memory_parameters().values())
+    print(f"converted {args.base} -> {args.out}: {len(model.model.layers)} layers, {n / 1e6:.1f}M memory parameters")
+    return 0
+
+
+def _read_prompt(source: str) -> str:
+    if source == "-":
+        return sys.stdin.read()
+    path = Path(source)
+    if not path.is_file():
+        raise SystemExit(f"error: prompt file {source!r} does not exist (use - to read standard input)")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _generate_text(model, tokenizer, prompt: str, args) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    from .streaming import ingest
+
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    cache = model.new_cache()
+    if ids.shape[1] > 1:
+        ingest(model, ids[:, :-1], cache, segment=args.segment, progress=not args.quiet)
+    streamer = None if args.quiet else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
+        if args.temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=args.max_new_tokens,
+                             streamer=streamer, **sampling)
+    print(f"\n[prompt {ids.shape[1]} tokens, cache {cache.nbytes() / 2**20:.2f} MiB, constant in length]", file=sys.stderr)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = _load_model(args.model, args)
+    text = _generate_text(model, tokenizer, _read_prompt(args.prompt_file), args)
+    if args.quiet:
+        print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Until a trained adapter ships: convert the default model, stream a long document
+    through it and answer, printing the constant cache size."""
+    import torch
+
+    from .streaming import ingest, resident_mib
+    from .text import long_document
+
+    torch.manual_seed(0)
+    model, tokenizer = _load_model(args.model, args)
+    cfg = model.allmem_config
+    document = long_document()
+    ids = tokenizer(document, return_tensors="pt").input_ids[:, : args.tokens]
+    print(f"model: {args.model} -> AllMem (window {cfg.window}, sinks {cfg.sinks}, chunk {cfg.chunk}); "
+          f"document: {ids.shape[1]} tokens of pydoc_data.topics")
+    text_cfg = model.config.get_text_config()
+    kv_per_token = 2 * text_cfg.num_hidden_layers * text_cfg.num_key_value_heads * model.model.layers[0].self_attn.head_dim \
+        * next(model.parameters()).element_size()
+    rows = []
+    marks = {n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= ids.shape[1]} | {ids.shape[1]}
+
+    def record(done, cache):
+        if done in marks:
+            rows.append((done, cache.nbytes(), done * kv_per_token, resident_mib()))
+
+    t0 = time.perf_counter()
+    cache = ingest(model, ids, segment=args.segment, on_segment=record)
+    elapsed = time.perf_counter() - t0
+    print(f"\ningested {ids.shape[1]} tokens in {elapsed:.1f} s ({ids.shape[1] / elapsed:.0f} tokens/s)")
+    print(f"{'tokens':>8} | {'AllMem cache':>13} | {'full KV cache':>13} | {'RSS':>9}")
+    for done, nbytes, kv, rss in rows:
+        print(f"{done:>8} | {nbytes / 2**20:>9.2f} MiB | {kv / 2**20:>9.1f} MiB | {rss:>5.0f} MiB")
+    question = "\n\nQuestion: In one sentence, what is this documentation about?\nAnswer:"
+    q_ids = tokenizer(question, return_tensors="pt").input_ids
+    full = torch.cat([ids, q_ids], dim=1)
+    ingest(model, q_ids[:, :-1], cache, segment=args.segment, progress=False)
+    from transformers import TextStreamer
+
+    print(question.strip(), end=" ", flush=True)
+    with torch.no_grad():
+        model.generate(full, attention_mask=torch.ones_like(full), cache=cache, max_new_tokens=args.max_new_tokens,
+                       do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    print(f"\ncache after answering: {cache.nbytes() / 2**20:.2f} MiB "
+          "(untrained memory: alpha = 0, so this is SWA + sinks until an adapter is trained)")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="allmem",
+        description="Convert a pretrained decoder into AllMem (sliding-window attention + test-time-trained memory) "
+                    "and run it on inputs of any length in constant memory.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a base model and save the (untrained) adapter",
+                       description="Convert a base model (embedded name, local path or hub id) and save its adapter.")
+    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default {DEFAULT_BASE}: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="output directory for adapter.safetensors + allmem_config.json")
+    p.add_argument("--dtype", type=_dtype, default="float32", help="float32 | bfloat16 | float16")
+    _add_conversion_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="ingest a prompt of any length chunk by chunk, then stream a continuation",
+                       description="Generate from an AllMem adapter directory or a base model converted on the fly.")
+    p.add_argument("--model", default=DEFAULT_BASE, help="adapter directory or base model (default smollm2)")
+    p.add_argument("--prompt-file", required=True, help="text file with the prompt, or - for standard input")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--segment", type=int, default=1024, help="tokens ingested per forward (memory use scales with it)")
+    p.add_argument("--dtype", type=_dtype, default="float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or streaming; print the text at the end")
+    _add_conversion_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default model",
+                       description="Convert SmolLM2, stream a long real document through it in constant memory, answer.")
+    p.add_argument("--model", default=DEFAULT_BASE, help="adapter directory or base model (default smollm2)")
+    p.add_argument("--tokens", type=int, default=8192, help="document length in tokens (default 8192)")
+    p.add_argument("--quick", action="store_const", const=2048, dest="tokens", help="a 2k-token document")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--segment", type=int, default=1024)
+    p.add_argument("--dtype", type=_dtype, default="float32")
+    _add_conversion_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .config import ConfigError
+    from .convert import UnsupportedModelError
+    from .loading import EmbeddedModelNotInstalledError, HubUnreachableError
+    from .modeling import AdapterMismatchError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
+            EmbeddedModelNotInstalledError, HubUnreachableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

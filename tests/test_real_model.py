@@ -1,0 +1,46 @@
+"""The embedded SmolLM2-135M-Instruct, converted for real (loaded once, cached as safetensors)."""
+
+import pytest
+import torch
+
+import allmem
+from allmem.text import long_document
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2_ids():
+    _, tokenizer = allmem.load_base("smollm2")
+    return tokenizer(long_document()[:20000], return_tensors="pt").input_ids[:, :400]
+
+
+def test_alpha_zero_huge_window_reproduces_smollm2(smollm2_ids):
+    base, _ = allmem.load_base("smollm2")
+    with torch.no_grad():
+        expected = base(smollm2_ids).logits
+        model = allmem.convert(base, allmem.AllMemConfig(window=512, sinks=4, chunk=128))
+        got = model(smollm2_ids).logits
+    diff = (got - expected).abs().max().item()
+    print(f"SmolLM2 alpha=0, W>=L: max |logit diff| = {diff:.2e}")
+    assert diff < 1e-3
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_adapter_round_trip_and_decode_on_smollm2(tmp_path, smollm2_ids):
+    base, _ = allmem.load_base("smollm2")
+    model = allmem.convert(base, allmem.AllMemConfig(window=64, sinks=4, chunk=32))
+    with torch.no_grad():
+        for layer in model.model.layers:  # a non-zero memory contribution
+            layer.self_attn.alpha.fill_(0.5)
+        x = smollm2_ids[:, :150]
+        expected = model(x, use_cache=False).logits
+        cache = model.new_cache()
+        model(x[:, :100], cache=cache)
+        steps = torch.cat([model(x[:, t : t + 1], cache=cache).logits for t in range(100, 150)], 1)
+    torch.testing.assert_close(steps, expected[:, 100:], rtol=1e-3, atol=1e-3)
+    model.save_pretrained(tmp_path / "adapter")
+    rebuilt = allmem.from_pretrained(tmp_path / "adapter")
+    assert rebuilt.base_name == "smollm2" and rebuilt.tokenizer is not None
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, use_cache=False).logits, expected)
