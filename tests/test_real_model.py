@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import allmem
-from allmem.text import long_document
+from allmem.corpus import long_document
 
 pytestmark = pytest.mark.real_model
 

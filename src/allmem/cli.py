@@ -119,7 +119,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from .streaming import ingest, resident_mib
-    from .text import long_document
+    from .corpus import long_document
 
     torch.manual_seed(0)
     model, tokenizer = _load_model(args.model, args)

@@ -151,10 +151,13 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        return_hidden: bool = False,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Like a Hugging Face causal LM. ``attention_mask`` [B, past + T] marks padding (left or
-        right); ``position_ids`` are ignored: positions come from each row's real-token count."""
+        right); ``position_ids`` are ignored: positions come from each row's real-token count.
+        ``return_hidden=True`` skips the LM head and returns the final normed hidden states as
+        ``hidden_states`` (the distillation loss projects only the positions it scores)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -200,6 +203,8 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             cache.columns += length
 
         hidden = self.model.norm(hidden)
+        if return_hidden:
+            return CausalLMOutputWithPast(hidden_states=hidden, cache=cache if use_cache else None)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
