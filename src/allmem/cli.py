@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -160,6 +161,78 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill.recipe import load_recipe
+    from .distill.trainer import DistillTrainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    trainer = DistillTrainer(recipe, resume=args.resume, progress=not args.quiet).setup()
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"adapter: {trainer.out / 'adapter'}; metrics: {trainer.out / 'metrics.jsonl'}")
+        if args.eval and trainer.heldout_samples:
+            print(json.dumps(trainer.evaluate(), indent=1))
+    return 0
+
+
+def cmd_teacher_cache(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .distill.recipe import load_recipe
+    from .distill.trainer import DistillTrainer
+
+    recipe = load_recipe(args.recipe, [*args.overrides, f"train.teacher_cache={args.out}"])
+    trainer = DistillTrainer(recipe, progress=False).setup()
+    for sample in tqdm(trainer.train_samples, desc="teacher top-k", unit="sample"):
+        trainer.cached_teacher([sample])
+    print(f"teacher top-{recipe.train.teacher_topk} targets for {len(trainer.train_samples)} samples in {args.out}")
+    return 0
+
+
+def cmd_generate_data(args) -> int:
+    """Offline on-policy data: the student answers prompts once; training then matches the
+    teacher's distribution over these student-written sequences."""
+    import random
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .distill.data import read_records, to_messages
+    from .tasks import TASKS, make_example
+
+    model, tokenizer = _load_model(args.model, args)
+    prompts: list[list[dict]] = []
+    if args.prompts:
+        for lineno, record in read_records(args.prompts):
+            item = to_messages(record, f"{args.prompts}:{lineno}")
+            if isinstance(item, str):
+                item = [{"role": "user", "content": item}]
+            while item and item[-1]["role"] == "assistant":
+                item = item[:-1]  # the student writes the response
+            prompts.append(item)
+    else:
+        rng = random.Random(args.seed)
+        for i in range(args.tasks):
+            ex = make_example(TASKS[i % len(TASKS)], tokenizer, rng.randint(*args.lengths), rng)
+            prompts.append([{"role": "user", "content": ex.prompt}])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = sum(1 for _ in out.open()) if out.is_file() else 0
+    with out.open("a") as f:
+        for messages in tqdm(prompts[done:], desc="on-policy", unit="prompt", initial=done, total=len(prompts)):
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                     do_sample=args.temperature > 0, temperature=args.temperature or None)
+            answer = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            f.write(json.dumps({"messages": [*messages, {"role": "assistant", "content": answer}],
+                                "source": "on-policy"}) + "\n")
+            f.flush()
+    print(f"{len(prompts)} on-policy samples in {out} (train on them with data: [{{source: file, path: {out}}}])")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -204,6 +277,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default="float32")
     _add_conversion_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("distill", help="train the memory by distillation from the original model",
+                       description="Forward-KL distillation of the memory. Runs on one CPU as is; for several "
+                                   "GPUs run it under `accelerate launch --config_file recipes/accelerate/...`.")
+    p.add_argument("--recipe", required=True, help="built-in recipe name (smollm2-cpu, qwen3-0.6b, qwen3-1.7b) or a YAML/TOML file")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    p.add_argument("--eval", action="store_true", help="evaluate on the held-out split at the end")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", help="recipe overrides such as train.steps=50 allmem.window=128")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("teacher-cache", help="precompute the teacher's top-k log-probs for a recipe's data",
+                       description="Store the teacher's top-k targets once; train with train.teacher_cache=DIR.")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_teacher_cache)
+
+    p = sub.add_parser("generate-data", help="offline on-policy data: let the student answer prompts",
+                       description="Write JSONL chat samples whose responses the student generated.")
+    p.add_argument("--model", default=DEFAULT_BASE, help="adapter directory or base model")
+    p.add_argument("--prompts", help="JSONL of prompts (messages / conversations / prompt); default: built-in tasks")
+    p.add_argument("--tasks", type=int, default=32, help="number of built-in task prompts when --prompts is not given")
+    p.add_argument("--lengths", type=int, nargs=2, default=(1024, 2048), metavar=("MIN", "MAX"))
+    p.add_argument("--out", required=True, help="output JSONL (appended to; rerunning resumes)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", type=_dtype, default="float32")
+    _add_conversion_args(p)
+    p.set_defaults(func=cmd_generate_data)
     return parser
 
 
@@ -213,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .config import ConfigError
     from .convert import UnsupportedModelError
+    from .distill.data import DataError
     from .loading import EmbeddedModelNotInstalledError, HubUnreachableError
     from .modeling import AdapterMismatchError
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
-            EmbeddedModelNotInstalledError, HubUnreachableError) as exc:
+            EmbeddedModelNotInstalledError, HubUnreachableError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

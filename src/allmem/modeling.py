@@ -126,6 +126,21 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         return AllMemCache(len(self.model.layers), c.window, c.sinks, c.chunk)
 
     @contextlib.contextmanager
+    def memory_disabled(self):
+        """Temporarily set alpha to zero everywhere: the model is then exactly SWA + sinks."""
+        alphas = [layer.self_attn.alpha for layer in self.model.layers]
+        saved = [a.detach().clone() for a in alphas]
+        try:
+            with torch.no_grad():
+                for a in alphas:
+                    a.zero_()
+            yield self
+        finally:
+            with torch.no_grad():
+                for a, s in zip(alphas, saved):
+                    a.copy_(s)
+
+    @contextlib.contextmanager
     def original_attention(self):
         """Temporarily restore the pretrained full attention: ``self.base(...)`` is then the
         original model (the distillation teacher, the full-attention baseline)."""

@@ -1,0 +1,112 @@
+"""Distillation losses computed without a full [tokens x vocab] tensor for both models.
+
+Only the scored positions are projected through the LM head, ``chunk`` positions at a time,
+in float32. The sums are divided by the number of scored tokens, so the chunked loss
+equals the unchunked one exactly (up to float summation order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DistillLoss:
+    loss: torch.Tensor  # lambda_kl * kl + lambda_ce * ce, differentiable
+    kl: float  # mean forward KL(teacher || student) per scored token, nats
+    ce: float  # mean student cross-entropy of the targets, nats
+    tokens: int
+
+
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """loss_mask [B, T] marks target tokens; position t predicts token t + 1.
+
+    Returns a bool [B, T] marking the positions whose next-token distribution is scored.
+    """
+    scored = torch.zeros_like(loss_mask, dtype=torch.bool)
+    scored[:, :-1] = loss_mask[:, 1:].bool()
+    return scored
+
+
+def kl_and_ce(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None, temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(teacher || student) and summed CE over rows of [N, V] logits (float32).
+
+    With ``teacher_topk = (indices [N, k], log-probs [N, k])`` instead of teacher logits, the KL
+    is taken over the teacher's top-k tokens only: sum_{i in top-k} p_i (log p_i - log q_i),
+    the tail mass (usually < 1-2 %) being dropped.
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    ce = F.nll_loss(F.log_softmax(student_logits.float(), dim=-1), targets, reduction="sum")
+    if teacher_topk is not None:
+        index, log_p = teacher_topk
+        log_p = log_p.float()
+        kl = (log_p.exp() * (log_p - log_q.gather(1, index.long()))).sum()
+    else:
+        log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    return kl, ce
+
+
+def chunked_distill_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    lm_head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    lambda_kl: float = 1.0,
+    lambda_ce: float = 0.0,
+    chunk: int = 1024,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> DistillLoss:
+    """Forward KL at temperature 1 (plus optional CE) over the masked tokens.
+
+    student_hidden / teacher_hidden: [B, T, d] final normed hidden states; input_ids and
+    loss_mask: [B, T]. ``teacher_topk`` (precomputed, already restricted to the scored
+    positions in row-major order) replaces ``teacher_hidden``.
+    """
+    scored = scored_positions(loss_mask)
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    s_rows = student_hidden[scored]  # [N, d]
+    t_rows = teacher_hidden[scored] if teacher_hidden is not None else None
+    y = targets[scored]
+    n = int(y.numel())
+    if n == 0:
+        zero = student_hidden.sum() * 0.0
+        return DistillLoss(zero, 0.0, 0.0, 0)
+    kl_total = student_hidden.new_zeros((), dtype=torch.float32)
+    ce_total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        s_logits = lm_head(s_rows[sl])
+        with torch.no_grad():
+            t_logits = lm_head(t_rows[sl]) if t_rows is not None else None
+        topk = None if teacher_topk is None else (teacher_topk[0][sl], teacher_topk[1][sl])
+        kl, ce = kl_and_ce(s_logits, t_logits, y[sl], topk)
+        kl_total, ce_total = kl_total + kl, ce_total + ce
+    kl_mean, ce_mean = kl_total / n, ce_total / n
+    loss = lambda_kl * kl_mean + lambda_ce * ce_mean
+    return DistillLoss(loss, float(kl_mean.detach()), float(ce_mean.detach()), n)
+
+
+@torch.no_grad()
+def teacher_topk(teacher_hidden: torch.Tensor, lm_head: torch.nn.Module, loss_mask: torch.Tensor, k: int,
+                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k token ids (int32) and log-probs (float16) of the teacher at the scored positions."""
+    rows = teacher_hidden[scored_positions(loss_mask)]
+    ids, logps = [], []
+    for start in range(0, rows.shape[0], chunk):
+        logp = F.log_softmax(lm_head(rows[start : start + chunk]).float(), dim=-1)
+        top = logp.topk(k, dim=-1)
+        ids.append(top.indices.to(torch.int32))
+        logps.append(top.values.to(torch.float16))
+    if not ids:
+        return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k, dtype=torch.float16)
+    return torch.cat(ids), torch.cat(logps)

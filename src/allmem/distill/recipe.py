@@ -1,0 +1,139 @@
+"""Recipes: a distillation run as data (YAML or TOML), with ``key.sub=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import AllMemConfig, ConfigError
+
+RECIPE_DIR = Path(__file__).resolve().parents[3] / "recipes"
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    micro_batch: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2
+    """Warmup-stable-decay: the last ``decay_fraction`` of the steps decay linearly to 0."""
+    grad_clip: float = 1.0
+    lambda_kl: float = 1.0
+    lambda_ce: float = 0.0
+    kl_chunk: int = 1024
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 25
+    eval_every: int = 50
+    output_dir: str = "out/distill"
+    teacher_cache: str | None = None
+    teacher_topk: int = 64
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    base: str = "smollm2"
+    dtype: str = "float32"
+    allmem: dict[str, Any] = field(default_factory=dict)
+    randomize: dict[str, list[int]] = field(default_factory=dict)
+    """Ranges [lo, hi] (inclusive) for window, sinks, chunk drawn independently every step."""
+    data: list[dict[str, Any]] = field(default_factory=list)
+    """Sources mixed by their counts: {source: tasks|text|file, count|path, lengths|max_len}."""
+    heldout: list[dict[str, Any]] = field(default_factory=list)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            known = {f.name for f in dataclasses.fields(TrainSettings)}
+            unknown = sorted(set(self.train) - known)
+            if unknown:
+                raise ConfigError(f"unknown train settings {unknown}; known: {sorted(known)}")
+            self.train = TrainSettings(**self.train)
+        self.allmem_config()  # validate early
+        for key, bounds in self.randomize.items():
+            if key not in ("window", "sinks", "chunk"):
+                raise ConfigError(f"randomize.{key}: only window, sinks and chunk can be randomised")
+            if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and 0 <= bounds[0] <= bounds[1]):
+                raise ConfigError(f"randomize.{key} must be [lo, hi] with 0 <= lo <= hi, got {bounds!r}")
+        if not self.data:
+            raise ConfigError("the recipe has no data sources (data: [...])")
+        for i, src in enumerate(self.data + self.heldout):
+            if src.get("source") not in ("tasks", "text", "file"):
+                raise ConfigError(f"data[{i}].source must be tasks, text or file, got {src.get('source')!r}")
+        t = self.train
+        if t.steps <= 0 or t.micro_batch <= 0 or t.grad_accum <= 0:
+            raise ConfigError("train.steps, train.micro_batch and train.grad_accum must be positive")
+        if t.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
+
+    def allmem_config(self) -> AllMemConfig:
+        return AllMemConfig.from_dict(self.allmem)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(text: str) -> Any:
+    for number in (int, float):  # YAML would read 3e-3 as a string
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value (e.g. train.steps=10)")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {p} is not a section")
+    node[parts[-1]] = _parse_value(value)
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for suffix in (".yaml", ".yml", ".toml"):
+        candidate = RECIPE_DIR / f"{name_or_path}{suffix}"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in RECIPE_DIR.glob("*.y*ml")) if RECIPE_DIR.is_dir() else []
+    raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not one of the built-in recipes {known}")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping")
+    data = json.loads(json.dumps(data))  # plain containers
+    for o in overrides:
+        apply_override(data, o)
+    data.setdefault("name", path.stem)
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown recipe keys {unknown}; known: {sorted(known)}")
+    return Recipe(**data)

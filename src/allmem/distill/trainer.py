@@ -1,0 +1,317 @@
+"""Distillation trainer: forward KL from the original model into its AllMem conversion,
+training only the memory, on Hugging Face ``accelerate`` (one CPU, DDP, DeepSpeed, FSDP).
+
+    recipe = load_recipe("smollm2-cpu", ["train.steps=20"])
+    DistillTrainer(recipe).setup().train()
+
+``setup()`` builds each component in a small method; ``train()`` is the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..modeling import AllMemForCausalLM
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
+from .losses import chunked_distill_loss, teacher_topk
+from .recipe import Recipe
+from .teacher_cache import TeacherCache
+
+log = logging.getLogger(__name__)
+
+
+def wsd_schedule(steps: int, warmup: int, decay_fraction: float):
+    """Warmup-stable-decay: linear warmup, flat, then linear decay to zero over the tail."""
+    decay_start = int(steps * (1 - decay_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if step >= decay_start:
+            return max(0.0, (steps - step) / max(1, steps - decay_start))
+        return 1.0
+
+    return factor
+
+
+def draw_runtime(recipe: Recipe, step: int) -> dict[str, int]:
+    """S, W, C for one step, drawn independently from the recipe's ranges (C <= W).
+
+    Seeded by (seed, step), so every process draws the same and a resumed run redraws the same.
+    """
+    base = recipe.allmem_config()
+    rng = random.Random(f"{recipe.train.seed}-runtime-{step}")
+    out = {"window": base.window, "sinks": base.sinks, "chunk": base.chunk}
+    ranges = recipe.randomize
+    if "window" in ranges:
+        out["window"] = rng.randint(*ranges["window"])
+    if "sinks" in ranges:
+        out["sinks"] = rng.randint(*ranges["sinks"])
+    if "chunk" in ranges:
+        lo, hi = ranges["chunk"]
+        out["chunk"] = rng.randint(min(lo, out["window"]), min(hi, out["window"]))
+    else:
+        out["chunk"] = min(out["chunk"], out["window"])
+    return out
+
+
+def build_samples(sources: list[dict], tokenizer, seed: int, split: str) -> list[Sample]:
+    samples: list[Sample] = []
+    for i, src in enumerate(sources):
+        kind = src["source"]
+        lengths = tuple(src.get("lengths", (1024, 2048)))
+        if kind == "tasks":
+            tasks = tuple(src["tasks"]) if "tasks" in src else None
+            kwargs = {"tasks": tasks} if tasks else {}
+            samples += task_samples(tokenizer, int(src["count"]), lengths, seed=seed + i, split=split, **kwargs)
+        elif kind == "text":
+            samples += document_samples(tokenizer, int(src["count"]), lengths, seed=seed + i, split=split)
+        else:
+            samples += file_samples(tokenizer, src["path"], int(src.get("max_len", 4096)), src.get("limit"))
+    return samples
+
+
+@dataclass
+class StepResult:
+    loss: float
+    kl: float
+    ce: float
+    tokens: int
+
+
+class DistillTrainer:
+    def __init__(self, recipe: Recipe, *, resume: bool = False, progress: bool = True):
+        self.recipe, self.resume, self.progress = recipe, resume, progress
+        self.out = Path(recipe.train.output_dir)
+        self.step = 0
+
+    # -------------------------------------------------------------- setup
+    def setup(self) -> "DistillTrainer":
+        self._setup_accelerator()
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self._maybe_resume()
+        return self
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        t = self.recipe.train
+        self.accelerator = Accelerator(
+            mixed_precision=t.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        )
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+
+    def _setup_model(self) -> None:
+        from .. import convert, load_base
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.recipe.dtype]
+        base, self.tokenizer = load_base(self.recipe.base, dtype=dtype)
+        model = convert(base, self.recipe.allmem_config(), base_name=self.recipe.base)
+        if self.recipe.train.gradient_checkpointing:
+            model.supports_gradient_checkpointing = True
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.params = model.memory_parameters()
+        self.model = model
+
+    def _setup_data(self) -> None:
+        r = self.recipe
+        self.train_samples = build_samples(r.data, self.tokenizer, r.train.seed, "train")
+        self.heldout_samples = build_samples(r.heldout, self.tokenizer, r.train.seed + 1000, "heldout")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.tokens_per_sample = sum(len(s) for s in self.train_samples) / max(1, len(self.train_samples))
+        t = r.train
+        self.teacher_cache = TeacherCache(t.teacher_cache, t.teacher_topk) if t.teacher_cache else None
+        log.info("data: %d training samples (mean %.0f tokens), %d held out", len(self.train_samples),
+                 self.tokens_per_sample, len(self.heldout_samples))
+
+    def _setup_optimizer(self) -> None:
+        t = self.recipe.train
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=t.lr, weight_decay=t.weight_decay,
+                                           betas=tuple(t.betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, wsd_schedule(t.steps, t.warmup_steps, t.decay_fraction))
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def _maybe_resume(self) -> None:
+        if not self.resume:
+            return
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            log.warning("--resume: no checkpoint under %s, starting from step 0", self.out / "checkpoints")
+            return
+        meta = load_checkpoint(path, self.params, self.optimizer, self.scheduler)
+        self.step = int(meta["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---------------------------------------------------------------- data
+    def _micro_batch(self, step: int, micro: int) -> list[Sample]:
+        """The data position is a pure function of (step, micro-step, rank): resuming needs only the step."""
+        t = self.recipe.train
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        index = (step * t.grad_accum + micro) * world + rank
+        per_epoch = math.ceil(len(self.train_samples) / t.micro_batch)
+        epoch, position = divmod(index, per_epoch)
+        batches = self._epoch_batches(epoch)
+        return [self.train_samples[i] for i in batches[position % len(batches)]]
+
+    @property
+    def _unwrapped(self) -> AllMemForCausalLM:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        cached = getattr(self, "_batches_cache", None)
+        if cached is None or cached[0] != epoch:
+            batches = length_grouped_batches(self.train_samples, self.recipe.train.micro_batch,
+                                             self.recipe.train.seed * 1000 + epoch)
+            self._batches_cache = (epoch, batches)
+        return self._batches_cache[1]
+
+    # ---------------------------------------------------------------- math
+    def _teacher_hidden(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self._unwrapped.original_attention() as teacher:
+            return teacher.model(input_ids=ids, attention_mask=attn).last_hidden_state
+
+    def cached_teacher(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k teacher targets for a batch from the cache, computing and storing the missing ones."""
+        parts = []
+        for sample in samples:
+            hit = self.teacher_cache.get(sample)
+            if hit is None:
+                ids, attn, mask = (x.to(self.accelerator.device) for x in collate([sample], self.pad_id))
+                hit = teacher_topk(self._teacher_hidden(ids, attn), self._unwrapped.lm_head, mask,
+                                   self.recipe.train.teacher_topk)
+                self.teacher_cache.put(sample, *hit)
+            parts.append(hit)
+        device = self.accelerator.device
+        return torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device)
+
+    def loss_on(self, samples: list[Sample], model=None) -> tuple[torch.Tensor, StepResult]:
+        t = self.recipe.train
+        ids, attn, mask = (x.to(self.accelerator.device) for x in collate(samples, self.pad_id))
+        if self.teacher_cache is not None:
+            teacher, topk = None, self.cached_teacher(samples)
+        else:
+            teacher, topk = self._teacher_hidden(ids, attn), None
+        model = model or self.model
+        with self.accelerator.autocast():
+            student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
+        out = chunked_distill_loss(student, teacher, self._unwrapped.lm_head, ids, mask, lambda_kl=t.lambda_kl,
+                                   lambda_ce=t.lambda_ce, chunk=t.kl_chunk, teacher_topk=topk)
+        return out.loss, StepResult(float(out.loss.detach()), out.kl, out.ce, out.tokens)
+
+    def train_step(self) -> StepResult:
+        t = self.recipe.train
+        runtime = draw_runtime(self.recipe, self.step)
+        self._unwrapped.set_runtime(**runtime)
+        self.model.train()
+        total = StepResult(0.0, 0.0, 0.0, 0)
+        for micro in range(t.grad_accum):
+            batch = self._micro_batch(self.step, micro)
+            sync = micro == t.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+            with ctx:
+                loss, res = self.loss_on(batch)
+                self.accelerator.backward(loss / t.grad_accum)
+            total = StepResult(total.loss + res.loss / t.grad_accum, total.kl + res.kl / t.grad_accum,
+                               total.ce + res.ce / t.grad_accum, total.tokens + sum(len(s) for s in batch))
+        if t.grad_clip:
+            self.accelerator.clip_grad_norm_(list(self.params.values()), t.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_runtime = runtime
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out KL and perplexities at the recipe's own window/sinks/chunk: the trained
+        model, the same model with the memory switched off (SWA + sinks), the full-attention
+        teacher. Tokens are the scored (response / all-text) tokens."""
+        model = self._unwrapped
+        model.set_runtime(**{k: getattr(self.recipe.allmem_config(), k) for k in ("window", "sinks", "chunk")})
+        model.eval()
+        sums = {"kl": 0.0, "allmem_nll": 0.0, "swa_nll": 0.0, "full_nll": 0.0}
+        tokens = 0
+        for sample in self.heldout_samples:
+            ids, attn, mask = (x.to(self.accelerator.device) for x in collate([sample], self.pad_id))
+            teacher = self._teacher_hidden(ids, attn)
+            student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
+            with model.memory_disabled():
+                swa = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
+            res = chunked_distill_loss(student, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0)
+            swa_res = chunked_distill_loss(swa, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0)
+            full_res = chunked_distill_loss(teacher, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0)
+            n = res.tokens
+            sums["kl"] += res.kl * n
+            sums["allmem_nll"] += res.ce * n
+            sums["swa_nll"] += swa_res.ce * n
+            sums["full_nll"] += full_res.ce * n
+            tokens += n
+        model.train()
+        out = {k: v / max(tokens, 1) for k, v in sums.items()}
+        for name in ("allmem", "swa", "full"):
+            out[f"{name}_ppl"] = math.exp(out[f"{name}_nll"])
+        out["tokens"] = tokens
+        return out
+
+    # ---------------------------------------------------------------- loop
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.out / "checkpoints", self.step, self.params, self.optimizer, self.scheduler,
+                            {"recipe": self.recipe.name})
+
+    def train(self, stop_after: int | None = None) -> list[StepResult]:
+        """Run to ``train.steps`` (or stop after ``stop_after`` more steps, to simulate a kill)."""
+        t = self.recipe.train
+        results = []
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"distill {self.recipe.name}", unit="step",
+                   disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True)
+        start, tokens_done, ran = time.perf_counter(), 0, 0
+        while self.step < t.steps:
+            if stop_after is not None and ran >= stop_after:
+                break
+            res = self.train_step()
+            ran += 1
+            results.append(res)
+            tokens_done += res.tokens * self.accelerator.num_processes
+            elapsed = time.perf_counter() - start
+            rate = tokens_done / elapsed
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{rate:.0f}", **{k[0].upper(): v for k, v in self.last_runtime.items()})
+            self._log({"step": self.step, "loss": res.loss, "kl": res.kl, "ce": res.ce, "tokens": res.tokens,
+                       "tok_s": rate, "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **self.last_runtime})
+            if t.save_every and self.step % t.save_every == 0:
+                self.save()
+            if t.eval_every and self.heldout_samples and self.step % t.eval_every == 0:
+                self._log({"step": self.step, "eval": self.evaluate()})
+        bar.close()
+        if self.step >= t.steps:
+            self.save()
+            if self.accelerator.is_main_process:
+                self._unwrapped.save_pretrained(self.out / "adapter")
+        return results

@@ -1,0 +1,184 @@
+"""Distillation: the loss against references, the trainer's guarantees, a 2-process run."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import allmem
+from allmem.distill.data import chat_sample, collate, length_grouped_batches, to_messages, DataError
+from allmem.distill.losses import chunked_distill_loss, scored_positions
+from allmem.distill.recipe import load_recipe
+from allmem.distill.trainer import DistillTrainer, draw_runtime
+from conftest import randomise_memory, tiny_base
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_kl_is_zero_when_the_student_is_the_teacher():
+    base = tiny_base("qwen3")
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        teacher = base.model(ids).last_hidden_state
+        model = allmem.convert(copy.deepcopy(base), allmem.AllMemConfig(window=64, chunk=16))
+        student = model(ids, use_cache=False, return_hidden=True).hidden_states
+    out = chunked_distill_loss(student, teacher, model.lm_head, ids, mask, chunk=7)
+    assert out.kl < 1e-6 and out.tokens == 2 * 39
+
+
+def reference_loss(student_logits, teacher_logits, ids, mask, lambda_kl, lambda_ce):
+    """Unchunked: full logits, explicit sums over the scored positions."""
+    kl_sum = ce_sum = 0.0
+    n = 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if not mask[b, t + 1]:
+                continue
+            p = F.log_softmax(teacher_logits[b, t].double(), -1)
+            q = F.log_softmax(student_logits[b, t].double(), -1)
+            kl_sum += float((p.exp() * (p - q)).sum())
+            ce_sum += float(-q[ids[b, t + 1]])
+            n += 1
+    return lambda_kl * kl_sum / n + lambda_ce * ce_sum / n, n
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_chunked_loss_equals_unchunked_reference_and_ignores_masked_positions(chunk):
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    s_hidden, t_hidden = torch.randn(2, 9, 8, generator=g), torch.randn(2, 9, 8, generator=g)
+    ids = torch.randint(0, 11, (2, 9), generator=g)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected, n = reference_loss(head(s_hidden), head(t_hidden), ids, mask, 1.0, 0.5)
+    got = chunked_distill_loss(s_hidden, t_hidden, head, ids, mask, lambda_kl=1.0, lambda_ce=0.5, chunk=chunk)
+    assert got.tokens == n == 11
+    assert math.isclose(float(got.loss.detach()), expected, rel_tol=1e-5)
+    # anything at unscored positions changes nothing
+    scored = scored_positions(mask)
+    noisy_s, noisy_t = s_hidden.clone(), t_hidden.clone()
+    noisy_s[~scored] += 100 * torch.randn_like(noisy_s[~scored])
+    noisy_t[~scored] -= 50
+    again = chunked_distill_loss(noisy_s, noisy_t, head, ids, mask, lambda_kl=1.0, lambda_ce=0.5, chunk=chunk)
+    assert math.isclose(float(again.loss.detach()), float(got.loss.detach()), rel_tol=1e-6)
+
+
+def test_hand_computed_kl():
+    """One scored position, vocabulary of 2: teacher (0.5, 0.5), student (0.8, 0.2)."""
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    teacher = torch.zeros(1, 2, 2)
+    student = torch.zeros(1, 2, 2)
+    student[0, 0] = torch.tensor([math.log(0.8), math.log(0.2)])
+    out = chunked_distill_loss(student, teacher, head, torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+    expected = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)  # 0.2231
+    assert math.isclose(out.kl, expected, rel_tol=1e-6)
+    assert math.isclose(out.ce, -math.log(0.2), rel_tol=1e-6)
+
+
+def test_sampled_window_sinks_chunk_stay_in_range_and_change():
+    recipe = load_recipe("smollm2-cpu")
+    draws = [draw_runtime(recipe, step) for step in range(60)]
+    for d in draws:
+        assert 128 <= d["window"] <= 512 and 1 <= d["sinks"] <= 8 and 64 <= d["chunk"] <= 256
+        assert d["chunk"] <= d["window"]
+    for key in ("window", "sinks", "chunk"):
+        assert len({d[key] for d in draws}) > 5
+    assert draws == [draw_runtime(recipe, step) for step in range(60)]  # deterministic per step
+
+
+def test_chat_formats_and_response_only_mask():
+    _, tok = allmem.load_base("smollm2")
+    record = {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "Hi there"}]}
+    sample = chat_sample(tok, to_messages(record, "x:1"), 512)
+    scored = tok.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if m])
+    assert scored.startswith("Hi there") and "Say hi" not in scored
+    assert to_messages({"prompt": "a", "response": "b"}, "x")[1] == {"role": "assistant", "content": "b"}
+    with pytest.raises(DataError, match="f.jsonl:3: no 'messages'"):
+        to_messages({"question": "?"}, "f.jsonl:3")
+
+
+def test_batches_do_not_mix_samples():
+    from allmem.distill.data import Sample
+
+    samples = [Sample(list(range(n)), [1] * n, "x") for n in (5, 9, 3, 7)]
+    batches = length_grouped_batches(samples, 2, seed=0)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3]
+    ids, attn, mask = collate([samples[i] for i in batches[0]], pad_id=0)
+    assert attn.sum(1).tolist() == [len(samples[i]) for i in batches[0]]
+
+
+def tiny_recipe(model_dir, out, steps=4, **extra):
+    overrides = [
+        f"base={model_dir}", f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=2",
+        "train.eval_every=0", "train.warmup_steps=1", "train.lr=3e-3",
+        "data=[{source: tasks, count: 6, lengths: [200, 300]}, {source: text, count: 3, lengths: [200, 300]}]",
+        "heldout=[{source: text, count: 2, lengths: [256, 256]}]",
+        "randomize={window: [32, 64], sinks: [1, 4], chunk: [8, 32]}", "allmem.window=48", "allmem.chunk=16",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
+    return load_recipe("smollm2-cpu", overrides)
+
+
+def test_only_memory_trains_and_resume_reproduces_the_uninterrupted_run(tiny_smollm_dir, tmp_path):
+    full = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "a"), progress=False).setup()
+    frozen = {n: p.detach().clone() for n, p in full._unwrapped.named_parameters() if n not in full.params}
+    before = {n: p.detach().clone() for n, p in full.params.items()}
+    losses = [r.loss for r in full.train()]
+    for n, p in full._unwrapped.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen weight {n} changed"
+        else:
+            assert p.requires_grad
+    assert all(not torch.equal(full.params[n], before[n]) for n in before if n.endswith("alpha"))
+
+    first = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "b"), progress=False).setup()
+    head = [r.loss for r in first.train(stop_after=2)]  # "killed" after the step-2 checkpoint
+    resumed = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "b"), resume=True, progress=False).setup()
+    assert resumed.step == 2
+    tail = [r.loss for r in resumed.train()]
+    torch.testing.assert_close(torch.tensor(head + tail), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "b" / "adapter" / "adapter.safetensors").is_file()
+    assert not list((tmp_path / "b" / "checkpoints").glob(".tmp-*"))
+
+
+def test_teacher_topk_cache_skips_the_teacher(tiny_smollm_dir, tmp_path):
+    trainer = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "c", steps=2,
+                                         **{"train.teacher_cache": str(tmp_path / "tc"), "train.teacher_topk": 16}),
+                             progress=False).setup()
+    trainer.train()
+    assert list((tmp_path / "tc").rglob("*.safetensors"))
+    calls = []
+    trainer._teacher_hidden = lambda *a: calls.append(1)  # a cached sample never calls the teacher
+    trainer.step = 0
+    loss, res = trainer.loss_on(trainer._micro_batch(0, 0))
+    assert not calls and res.tokens > 0 and torch.isfinite(loss)
+
+
+def test_two_process_cpu_run_through_accelerate_launch(tiny_smollm_dir, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    r = tiny_recipe(tiny_smollm_dir, tmp_path / "ddp", steps=3)
+    import yaml
+
+    data = r.to_dict()
+    data["train"]["betas"] = list(data["train"]["betas"])
+    recipe.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29561",
+           "-m", "allmem.cli", "distill", "--recipe", str(recipe), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(math.isfinite(x["loss"]) for x in lines)
+    assert (tmp_path / "ddp" / "adapter" / "adapter.safetensors").is_file()
