@@ -22,7 +22,11 @@ class CharTokenizer:
         return ([BOS] if self.bos else []) + [ord(ch) for ch in text]
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return "".join("<s>" if t == BOS else chr(t) for t in token_ids if not (skip_special_tokens and t == BOS))
+        return "".join(
+            "<s>" if t == BOS else chr(t)
+            for t in token_ids
+            if not (skip_special_tokens and t == BOS)
+        )
 
 
 class WordTokenizer:

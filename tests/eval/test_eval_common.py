@@ -12,6 +12,7 @@ from allmem.eval.common import (
     DataFormatError,
     append_jsonl,
     format_table,
+    hf_chat_template,
     load_samples,
     mean_percent,
     middle_truncate,
@@ -33,17 +34,37 @@ def test_middle_truncate_counts_special_tokens_like_the_official_code():
     assert middle_truncate("0123456789", CharTokenizer(bos=True), 10) == "0123" + "56789"
 
 
-def test_middle_truncate_decoding_modes():
+def test_middle_truncate_styles():
     text = "a b c d e f"
     # LongBench / LV-Eval decode "a b" and "e f" apart and concatenate the strings
-    assert middle_truncate(text, WordTokenizer(), 4, decode_halves_separately=True) == "a be f"
+    assert middle_truncate(text, WordTokenizer(), 4, style="longbench") == "a be f"
     # InfiniteBench decodes the joined token list once
-    assert middle_truncate(text, WordTokenizer(), 4, decode_halves_separately=False) == "a b e f"
+    assert middle_truncate(text, WordTokenizer(), 4, style="infinitebench") == "a b e f"
+    # within budget: LongBench keeps the text as is, InfiniteBench still round-trips it
+    # through the tokenizer (here the round trip collapses the double space)
+    assert middle_truncate("a  b", WordTokenizer(), 10, style="longbench") == "a  b"
+    assert middle_truncate("a  b", WordTokenizer(), 10, style="infinitebench") == "a b"
 
 
-def test_middle_truncate_rejects_non_positive_budget():
+def test_middle_truncate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="max_length"):
         middle_truncate("abc", CharTokenizer(), 0)
+    with pytest.raises(ValueError, match="style"):
+        middle_truncate("abc", CharTokenizer(), 2, style="other")  # type: ignore[arg-type]
+
+
+def test_hf_chat_template_is_one_user_turn_with_generation_prompt():
+    class Tokenizer:
+        def apply_chat_template(self, messages, **kwargs):
+            self.seen = (messages, kwargs)
+            return "wrapped"
+
+    tokenizer = Tokenizer()
+    assert hf_chat_template(tokenizer, enable_thinking=False)("hello") == "wrapped"
+    assert tokenizer.seen == (
+        [{"role": "user", "content": "hello"}],
+        {"tokenize": False, "add_generation_prompt": True, "enable_thinking": False},
+    )
 
 
 def test_load_samples_errors_name_file_line_and_field(tmp_path: Path):
@@ -87,6 +108,9 @@ def test_read_predictions_repairs_a_torn_last_line(tmp_path: Path):
     assert [r["id"] for r in read_predictions(path)] == ["1", "2"]
     append_jsonl(path, {"id": "3", "pred": "c"})
     assert [r["id"] for r in read_predictions(path)] == ["1", "2", "3"]
+    # the scorer's gold field is required too
+    with pytest.raises(DataFormatError, match=r"p\.jsonl, line 1: missing field 'answers'"):
+        read_predictions(path, ("answers",))
 
 
 def test_mean_percent_and_table():
@@ -95,8 +119,5 @@ def test_mean_percent_and_table():
     assert mean_percent([]) == 0.0
     table = format_table({"full": {"a": 1.0, "b": 2.5}, "allmem": {"b": 3.0}})
     assert table == (
-        "| subset | full | allmem |\n"
-        "| --- | ---: | ---: |\n"
-        "| a | 1.00 | - |\n"
-        "| b | 2.50 | 3.00 |\n"
+        "| subset | full | allmem |\n| --- | ---: | ---: |\n| a | 1.00 | - |\n| b | 2.50 | 3.00 |\n"
     )

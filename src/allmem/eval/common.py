@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 GenerateFn = Callable[[str, int], str]
 """``generate_fn(prompt_text, max_new_tokens) -> completion``; must decode greedily."""
@@ -88,7 +88,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from None
+                raise DataFormatError(
+                    f"{path}, line {line_no}: not valid JSON ({err.msg})"
+                ) from None
             if not isinstance(record, dict):
                 raise DataFormatError(f"{path}, line {line_no}: expected a JSON object")
             yield line_no, record
@@ -113,7 +115,11 @@ FieldSpec = Mapping[str, "type | tuple[type, ...]"]
 
 
 def check_fields(
-    record: Mapping[str, Any], path: Path, line: int, spec: FieldSpec, optional: FieldSpec | None = None
+    record: Mapping[str, Any],
+    path: Path,
+    line: int,
+    spec: FieldSpec,
+    optional: FieldSpec | None = None,
 ) -> None:
     """Raise a DataFormatError naming file, line and field for a missing or mistyped field.
 
@@ -182,23 +188,37 @@ def load_samples(
 
 
 def middle_truncate(
-    text: str, tokenizer: TokenizerLike, max_length: int, *, decode_halves_separately: bool = True
+    text: str,
+    tokenizer: TokenizerLike,
+    max_length: int,
+    *,
+    style: Literal["longbench", "infinitebench"] = "longbench",
 ) -> str:
     """Keep the first and last ``max_length // 2`` tokens when the text is longer than that.
 
     The instructions sit at both ends of every official prompt, so the middle of the context
-    is what goes. LongBench and LV-Eval decode the two halves separately and concatenate the
-    strings; InfiniteBench decodes the joined token list (``decode_halves_separately=False``).
-    The two can differ when a multi-byte character straddles the cut.
+    is what goes. The two official implementations differ in details that can change the text:
+
+    - ``"longbench"`` (LongBench ``pred.py``, LV-Eval ``truncate_prompt``): a prompt within the
+      budget is returned untouched; otherwise the two halves are decoded separately and the
+      strings concatenated.
+    - ``"infinitebench"`` (``truncate_by_tokens``): the kept tokens are decoded as one list,
+      and the prompt is *always* decoded back from its tokens, even when nothing was cut
+      (so the tokenizer's decode clean-up applies to every prompt).
     """
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
+    if style not in ("longbench", "infinitebench"):
+        raise ValueError(f"style must be 'longbench' or 'infinitebench', got {style!r}")
     tokens = list(tokenizer.encode(text))
-    if len(tokens) <= max_length:
+    if len(tokens) > max_length:
+        half = max_length // 2
+        head, tail = tokens[:half], tokens[len(tokens) - half :]
+    elif style == "longbench":
         return text
-    half = max_length // 2
-    head, tail = tokens[:half], tokens[len(tokens) - half :]
-    if decode_halves_separately:
+    else:
+        head, tail = tokens, []
+    if style == "longbench":
         return tokenizer.decode(head, skip_special_tokens=True) + tokenizer.decode(
             tail, skip_special_tokens=True
         )
@@ -226,20 +246,38 @@ def hf_chat_template(tokenizer: Any, **template_kwargs: Any) -> ChatTemplate:
 # ----------------------------------------------------------------------------- running
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
+def read_predictions(path: Path, list_fields: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Read a predictions file, repairing a final line torn by an interrupted write.
 
     Only the last line may be incomplete (records are appended one line at a time); it is cut
     off so that the sample is simply generated again. Anything else malformed is an error.
+    Every record needs ``id`` and ``pred``, plus the string lists named in ``list_fields``
+    (the gold answers the scorer reads).
     """
     if not path.exists():
         return []
     _repair_last_line(path)
     records = []
     for line, record in iter_jsonl(path):
-        check_fields(record, path, line, {"id": str, "pred": str})
+        check_fields(
+            record, path, line, {"id": str, "pred": str, **dict.fromkeys(list_fields, list)}
+        )
+        for name in list_fields:
+            check_str_list(record, name, path, line)
         records.append(record)
     return records
+
+
+def keep_ids(records: list[dict[str, Any]], ids: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Records of the given sample ids only (all when ``ids`` is None), in file order.
+
+    A run scores the samples it was asked for, even when the folder holds more predictions
+    (an earlier run without ``limit``, say).
+    """
+    if ids is None:
+        return records
+    wanted = set(ids)
+    return [record for record in records if record["id"] in wanted]
 
 
 def _repair_last_line(path: Path) -> None:
@@ -275,7 +313,9 @@ def predict(
         if sample.id in done:
             continue
         prediction = generate_fn(build_prompt(sample), max_new_tokens)
-        append_jsonl(preds_path, {"id": sample.id, "pred": prediction, **make_record(sample, prediction)})
+        append_jsonl(
+            preds_path, {"id": sample.id, "pred": prediction, **make_record(sample, prediction)}
+        )
         done.add(sample.id)
         generated += 1
     return generated

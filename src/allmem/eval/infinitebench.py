@@ -14,7 +14,8 @@ What reproduces the official open-model path (``eval_yarn_mistral.py`` + ``eval_
 - the open-model templates (``yarn_mistral_templates``) with ``{question}`` = ``input``;
 - 40 new tokens (``DATA_NAME_TO_MAX_NEW_TOKENS``);
 - truncation to 128k = 131072 tokens by keeping the first and last 65536 tokens, decoding the
-  joined token list once (unlike LongBench, which decodes the halves separately);
+  joined token list once (unlike LongBench, which decodes the halves separately); every
+  prompt, cut or not, is decoded back from its tokens, as the official code does;
 - no chat template by default (the official open-model path has none); pass one to wrap every
   prompt, as a chat model such as Qwen3 needs;
 - English: max over answers of token F1 after ``normalize_answer``; Chinese: max over answers
@@ -37,6 +38,7 @@ from .common import (
     TokenizerLike,
     average,
     check_run_settings,
+    keep_ids,
     load_samples,
     mean_percent,
     middle_truncate,
@@ -68,8 +70,10 @@ def _check_subset(subset: str) -> None:
         raise ValueError(f"unknown InfiniteBench subset {subset!r}; known: {list(SUBSETS)}")
 
 
-def load_infinitebench(data_dir: str | Path, subset: str, *, limit: int | None = None) -> list[Sample]:
-    """Read ``{data_dir}/{subset}.jsonl``; records need ``id``, ``context``, ``input``, ``answer``."""
+def load_infinitebench(
+    data_dir: str | Path, subset: str, *, limit: int | None = None
+) -> list[Sample]:
+    """Read ``{data_dir}/{subset}.jsonl``; records need id, context, input and answer."""
     _check_subset(subset)
     return load_samples(
         Path(data_dir) / f"{subset}.jsonl",
@@ -89,8 +93,10 @@ def build_prompt(
     chat_template: ChatTemplate | None = None,
 ) -> str:
     """Official prompt, cut to ``max_length`` tokens around the middle, then the chat template."""
-    prompt = TEMPLATES[subset].format(context=sample.fields["context"], question=sample.fields["input"])
-    prompt = middle_truncate(prompt, tokenizer, max_length, decode_halves_separately=False)
+    prompt = TEMPLATES[subset].format(
+        context=sample.fields["context"], question=sample.fields["input"]
+    )
+    prompt = middle_truncate(prompt, tokenizer, max_length, style="infinitebench")
     return chat_template(prompt) if chat_template is not None else prompt
 
 
@@ -105,18 +111,29 @@ def score_infinitebench(
     subsets: Sequence[str] = SUBSETS,
     *,
     settings: dict[str, Any] | None = None,
+    ids: dict[str, list[str]] | None = None,
 ) -> BenchmarkResult:
-    """Score existing ``{out_dir}/{subset}.jsonl`` predictions; write scores.json/.md."""
+    """Score existing ``{out_dir}/{subset}.jsonl`` predictions; write scores.json/.md.
+
+    ``ids`` (subset -> sample ids) restricts scoring to those samples; the runner passes the
+    ids it was asked to run.
+    """
     out_dir = Path(out_dir)
     scores: dict[str, float] = {}
     counts: dict[str, int] = {}
     for subset in subsets:
         _check_subset(subset)
-        path = require_file(subset_preds_path(out_dir, subset), f"InfiniteBench predictions for {subset!r}")
-        records = read_predictions(path)
-        scores[subset] = mean_percent([score_sample(subset, r["pred"], r["label"]) for r in records])
+        path = require_file(
+            subset_preds_path(out_dir, subset), f"InfiniteBench predictions for {subset!r}"
+        )
+        records = keep_ids(read_predictions(path, ("label",)), None if ids is None else ids[subset])
+        scores[subset] = mean_percent(
+            [score_sample(subset, r["pred"], r["label"]) for r in records]
+        )
         counts[subset] = len(records)
-    result = BenchmarkResult("infinitebench", scores, counts, average(scores), out_dir, settings or {})
+    result = BenchmarkResult(
+        "infinitebench", scores, counts, average(scores), out_dir, settings or {}
+    )
     write_results(result)
     return result
 
@@ -144,8 +161,11 @@ def run_infinitebench(
             samples,
             subset_preds_path(out_dir, subset),
             generate_fn,
-            build_prompt=lambda s, subset=subset: build_prompt(s, subset, tokenizer, max_length, chat_template),
+            build_prompt=lambda s, subset=subset: build_prompt(
+                s, subset, tokenizer, max_length, chat_template
+            ),
             max_new_tokens=MAX_NEW_TOKENS[subset],
             make_record=lambda s, _pred: {"label": s.fields["answer"]},
         )
-    return score_infinitebench(out_dir, subsets, settings={**settings, "limit": limit})
+    ids = {subset: [s.id for s in samples] for subset, samples in data.items()}
+    return score_infinitebench(out_dir, subsets, settings={**settings, "limit": limit}, ids=ids)

@@ -42,6 +42,7 @@ from .common import (
     TokenizerLike,
     average,
     check_run_settings,
+    keep_ids,
     load_samples,
     middle_truncate,
     predict,
@@ -52,7 +53,14 @@ from .common import (
 )
 
 # The six subsets of the paper (Table 2/3, after AHN), 37k tokens on average.
-PAPER_SUBSETS: tuple[str, ...] = ("dureader", "hotpotqa", "musique", "narrativeqa", "qmsum", "triviaqa")
+PAPER_SUBSETS: tuple[str, ...] = (
+    "dureader",
+    "hotpotqa",
+    "musique",
+    "narrativeqa",
+    "qmsum",
+    "triviaqa",
+)
 
 # Official LongBench v1 ``config/dataset2prompt.json``, verbatim.
 DATASET2PROMPT: dict[str, str] = {
@@ -105,7 +113,9 @@ DATASET2METRIC: dict[str, Callable[..., float]] = {
 }  # fmt: skip
 
 # ``pred.py``: "chat models are better off without build prompts on these tasks".
-NO_CHAT_TEMPLATE: frozenset[str] = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
+NO_CHAT_TEMPLATE: frozenset[str] = frozenset(
+    {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
+)
 # ``eval.py``: only the first line of the prediction is scored for these.
 FIRST_LINE_ONLY: frozenset[str] = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 CLASSIFICATION: frozenset[str] = frozenset({"trec", "lsht"})
@@ -120,7 +130,12 @@ def load_longbench(data_dir: str | Path, subset: str, *, limit: int | None = Non
     """Read ``{data_dir}/{subset}.jsonl``; every record needs ``_id``, ``input``, ``context``,
     ``answers`` (and ``all_classes`` as a list for the classification subsets trec/lsht)."""
     _check_subset(subset)
-    fields: dict[str, type | tuple[type, ...]] = {"_id": (str, int), "input": str, "context": str, "answers": list}
+    fields: dict[str, type | tuple[type, ...]] = {
+        "_id": (str, int),
+        "input": str,
+        "context": str,
+        "answers": list,
+    }
     optional: dict[str, type | tuple[type, ...]] = {"all_classes": (list, type(None))}
     if subset in CLASSIFICATION:
         fields["all_classes"] = list
@@ -144,18 +159,22 @@ def build_prompt(
     chat_template: ChatTemplate | None = None,
 ) -> str:
     """Official prompt: template, middle truncation to ``max_length`` tokens, then chat rule."""
-    prompt = DATASET2PROMPT[subset].format(context=sample.fields["context"], input=sample.fields["input"])
-    prompt = middle_truncate(prompt, tokenizer, max_length, decode_halves_separately=True)
+    prompt = DATASET2PROMPT[subset].format(
+        context=sample.fields["context"], input=sample.fields["input"]
+    )
+    prompt = middle_truncate(prompt, tokenizer, max_length, style="longbench")
     if chat_template is not None and subset not in NO_CHAT_TEMPLATE:
         prompt = chat_template(prompt)
     return prompt
 
 
-def scorer(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]], all_classes: Any) -> float:
-    """Official ``eval.py`` ``scorer``: first-line rule, max over answers, ``round(100*mean, 2)``."""
+def scorer(
+    dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]], all_classes: Any
+) -> float:
+    """Official ``eval.py`` ``scorer``: first-line rule, max over answers, round(100 * mean, 2)."""
     metric = DATASET2METRIC[dataset]
     total_score = 0.0
-    for prediction, ground_truths in zip(predictions, answers):
+    for prediction, ground_truths in zip(predictions, answers, strict=True):
         if dataset in FIRST_LINE_ONLY:
             prediction = prediction.lstrip("\n").split("\n")[0]
         score = 0.0
@@ -170,7 +189,11 @@ def scorer(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[
 def _record(sample: Sample, prediction: str) -> dict[str, Any]:
     """The official pred.py record (pred is added by the caller)."""
     fields = sample.fields
-    return {"answers": fields["answers"], "all_classes": fields.get("all_classes"), "length": fields.get("length")}
+    return {
+        "answers": fields["answers"],
+        "all_classes": fields.get("all_classes"),
+        "length": fields.get("length"),
+    }
 
 
 def score_longbench(
@@ -178,21 +201,29 @@ def score_longbench(
     subsets: Sequence[str] = PAPER_SUBSETS,
     *,
     settings: dict[str, Any] | None = None,
+    ids: dict[str, list[str]] | None = None,
 ) -> BenchmarkResult:
     """Score existing ``{out_dir}/{subset}.jsonl`` predictions; write scores.json/.md.
 
     As in the official ``eval.py``, ``all_classes`` is taken from the file's last record (it is
-    the same for every record of a subset).
+    the same for every record of a subset). ``ids`` (subset -> sample ids) restricts scoring to
+    those samples; the runner passes the ids it was asked to run.
     """
     out_dir = Path(out_dir)
     scores: dict[str, float] = {}
     counts: dict[str, int] = {}
     for subset in subsets:
         _check_subset(subset)
-        path = require_file(subset_preds_path(out_dir, subset), f"LongBench predictions for {subset!r}")
-        records = read_predictions(path)
+        path = require_file(
+            subset_preds_path(out_dir, subset), f"LongBench predictions for {subset!r}"
+        )
+        records = keep_ids(
+            read_predictions(path, ("answers",)), None if ids is None else ids[subset]
+        )
         all_classes = records[-1].get("all_classes") if records else None
-        scores[subset] = scorer(subset, [r["pred"] for r in records], [r["answers"] for r in records], all_classes)
+        scores[subset] = scorer(
+            subset, [r["pred"] for r in records], [r["answers"] for r in records], all_classes
+        )
         counts[subset] = len(records)
     result = BenchmarkResult("longbench", scores, counts, average(scores), out_dir, settings or {})
     write_results(result)
@@ -227,8 +258,11 @@ def run_longbench(
             samples,
             subset_preds_path(out_dir, subset),
             generate_fn,
-            build_prompt=lambda s, subset=subset: build_prompt(s, subset, tokenizer, max_length, chat_template),
+            build_prompt=lambda s, subset=subset: build_prompt(
+                s, subset, tokenizer, max_length, chat_template
+            ),
             max_new_tokens=DATASET2MAXLEN[subset],
             make_record=_record,
         )
-    return score_longbench(out_dir, subsets, settings={**settings, "limit": limit})
+    ids = {subset: [s.id for s in samples] for subset, samples in data.items()}
+    return score_longbench(out_dir, subsets, settings={**settings, "limit": limit}, ids=ids)

@@ -36,6 +36,7 @@ from .common import (
     TokenizerLike,
     average,
     check_run_settings,
+    keep_ids,
     load_samples,
     mean_percent,
     middle_truncate,
@@ -73,17 +74,20 @@ DATASET_PROMPT: dict[str, str] = {
 }  # fmt: skip
 
 # Official ``DATASET_MAXGEN``.
-DATASET_MAXGEN: dict[str, int] = {name: 64 for name in SUBSETS} | {"factrecall_en": 16, "factrecall_zh": 16}
+DATASET_MAXGEN: dict[str, int] = {name: 64 for name in SUBSETS} | {
+    "factrecall_en": 16,
+    "factrecall_zh": 16,
+}
 
-# Official ``DATASET_METRIC``, as (metric, language of the keyword gate or None).
-# "gated" = qa_f1(_zh)_score_with_gold_ans; "rouge_blacklist" = rouge_zh_score_blacklist.
-DATASET_METRIC: dict[str, tuple[str, str | None]] = {
-    "hotpotwikiqa_mixup": ("gated", "en"), "loogle_SD_mixup": ("gated", "en"),
-    "loogle_CR_mixup": ("gated", "en"), "loogle_MIR_mixup": ("gated", "en"),
-    "multifieldqa_en_mixup": ("gated", "en"), "multifieldqa_zh_mixup": ("gated", "zh"),
-    "cmrc_mixup": ("gated", "zh"), "lic_mixup": ("gated", "zh"),
-    "factrecall_en": ("qa_f1", None), "factrecall_zh": ("qa_f1_zh", None),
-    "dureader_mixup": ("rouge_blacklist", None),
+# Official ``DATASET_METRIC`` by name: "gated_en" / "gated_zh" = qa_f1_score_with_gold_ans /
+# qa_f1_zh_score_with_gold_ans; "rouge_blacklist" = rouge_zh_score_blacklist.
+DATASET_METRIC: dict[str, str] = {
+    "hotpotwikiqa_mixup": "gated_en", "loogle_SD_mixup": "gated_en",
+    "loogle_CR_mixup": "gated_en", "loogle_MIR_mixup": "gated_en",
+    "multifieldqa_en_mixup": "gated_en", "multifieldqa_zh_mixup": "gated_zh",
+    "cmrc_mixup": "gated_zh", "lic_mixup": "gated_zh",
+    "factrecall_en": "qa_f1", "factrecall_zh": "qa_f1_zh",
+    "dureader_mixup": "rouge_blacklist",
 }  # fmt: skip
 
 
@@ -98,7 +102,9 @@ def file_stem(subset: str, level: str) -> str:
     return f"{subset}_{level}"
 
 
-def load_lveval(data_dir: str | Path, subset: str, level: str, *, limit: int | None = None) -> list[Sample]:
+def load_lveval(
+    data_dir: str | Path, subset: str, level: str, *, limit: int | None = None
+) -> list[Sample]:
     """Read ``{data_dir}/{subset}_{level}.jsonl``; records need ``input``, ``context`` and
     ``answers``; ``answer_keywords`` (a string) is optional, as in the official code."""
     _check(subset, level)
@@ -120,25 +126,29 @@ def build_prompt(
     chat_template: ChatTemplate | None = None,
 ) -> str:
     """Official prompt: template, middle truncation (``truncate_prompt``), then the chat format."""
-    prompt = DATASET_PROMPT[subset].format(context=sample.fields["context"], input=sample.fields["input"])
-    prompt = middle_truncate(prompt, tokenizer, max_length, decode_halves_separately=True)
+    prompt = DATASET_PROMPT[subset].format(
+        context=sample.fields["context"], input=sample.fields["input"]
+    )
+    prompt = middle_truncate(prompt, tokenizer, max_length, style="longbench")
     return chat_template(prompt) if chat_template is not None else prompt
 
 
-def score_sample(subset: str, prediction: str, answers: Sequence[str], answer_keywords: str | None) -> float:
+def score_sample(
+    subset: str, prediction: str, answers: Sequence[str], answer_keywords: str | None
+) -> float:
     """Official ``scorer``: only ``answers[0]`` counts (an empty list scores 0)."""
     if not answers:
         return 0.0
-    kind, language = DATASET_METRIC[subset]
+    kind = DATASET_METRIC[subset]
     ground_truth = answers[0]
-    if kind == "gated":
-        assert language is not None
-        return metrics.lveval_qa_f1_score(prediction, ground_truth, answer_keywords, language)
     if kind == "qa_f1":
         return metrics.qa_f1_score(prediction, ground_truth)
     if kind == "qa_f1_zh":
         return metrics.qa_f1_zh_score(prediction, ground_truth)
-    return metrics.lveval_rouge_zh_score(prediction, ground_truth)
+    if kind == "rouge_blacklist":
+        return metrics.lveval_rouge_zh_score(prediction, ground_truth)
+    language = kind.removeprefix("gated_")
+    return metrics.lveval_qa_f1_score(prediction, ground_truth, answer_keywords, language)
 
 
 def score_lveval(
@@ -147,10 +157,12 @@ def score_lveval(
     level: str = "128k",
     *,
     settings: dict[str, Any] | None = None,
+    ids: dict[str, list[str]] | None = None,
 ) -> BenchmarkResult:
     """Score existing ``{out_dir}/{subset}_{level}.jsonl`` predictions; write scores.json/.md.
 
-    Scores are keyed by subset name; the level is recorded in the settings.
+    Scores are keyed by subset name; the level is recorded in the settings. ``ids`` (subset ->
+    sample ids) restricts scoring to those samples; the runner passes the ids it was asked to run.
     """
     out_dir = Path(out_dir)
     scores: dict[str, float] = {}
@@ -158,14 +170,19 @@ def score_lveval(
     for subset in subsets:
         _check(subset, level)
         path = require_file(
-            subset_preds_path(out_dir, file_stem(subset, level)), f"LV-Eval predictions for {subset!r}"
+            subset_preds_path(out_dir, file_stem(subset, level)),
+            f"LV-Eval predictions for {subset!r}",
         )
-        records = read_predictions(path)
+        records = keep_ids(
+            read_predictions(path, ("answers",)), None if ids is None else ids[subset]
+        )
         scores[subset] = mean_percent(
             [score_sample(subset, r["pred"], r["answers"], r.get("gold_ans")) for r in records]
         )
         counts[subset] = len(records)
-    result = BenchmarkResult("lveval", scores, counts, average(scores), out_dir, {"level": level, **(settings or {})})
+    result = BenchmarkResult(
+        "lveval", scores, counts, average(scores), out_dir, {"level": level, **(settings or {})}
+    )
     write_results(result)
     return result
 
@@ -203,14 +220,18 @@ def run_lveval(
         _check(subset, level)
     data = {subset: load_lveval(data_dir, subset, level, limit=limit) for subset in subsets}
     settings = {"max_length": max_length, "chat_template": chat_template is not None}
-    check_run_settings(out_dir, {"benchmark": "lveval", "level": level, **settings})
+    # the level is in every file name, so levels can share a folder
+    check_run_settings(out_dir, {"benchmark": "lveval", **settings})
     for subset, samples in data.items():
         predict(
             samples,
             subset_preds_path(out_dir, file_stem(subset, level)),
             generate_fn,
-            build_prompt=lambda s, subset=subset: build_prompt(s, subset, tokenizer, max_length, chat_template),
+            build_prompt=lambda s, subset=subset: build_prompt(
+                s, subset, tokenizer, max_length, chat_template
+            ),
             max_new_tokens=DATASET_MAXGEN[subset],
             make_record=_record,
         )
-    return score_lveval(out_dir, subsets, level, settings={**settings, "limit": limit})
+    ids = {subset: [s.id for s in samples] for subset, samples in data.items()}
+    return score_lveval(out_dir, subsets, level, settings={**settings, "limit": limit}, ids=ids)

@@ -23,6 +23,8 @@ English token-F1 metrics work without them.
 from __future__ import annotations
 
 import difflib
+import functools
+import logging
 import re
 import string
 from collections import Counter
@@ -31,9 +33,7 @@ from typing import Any
 
 # Chinese and full-width punctuation removed by normalize_zh_answer (LongBench, LV-Eval and
 # InfiniteBench share this exact string; note it ends with an ASCII ".").
-CN_PUNCTUATION = (
-    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
-)
+CN_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
 _EN_PUNCTUATION = frozenset(string.punctuation)
 _ALL_PUNCTUATION = frozenset(string.punctuation + CN_PUNCTUATION)
 
@@ -43,7 +43,7 @@ LVEVAL_BLACKLIST_EN: tuple[str, ...] = (
     "he", "by", "she", "they", "or", "at", "because", "be", "on", "are", "their", "what", "as",
     "had", "were", "about", "being", "this", "who", "but", "have", "has", "when", "which",
     "does",
-)
+)  # fmt: skip
 LVEVAL_BLACKLIST_ZH: tuple[str, ...] = (
     "的", "和", "是", "等", "在", "年", "可以", "为", "与", "‰", "了", "或", "一种", "月", "c",
     "至", "日", "有", "进行", "于", "不", "中", "×", "根据", "小", "由", "亩", "也", "要", "指",
@@ -51,18 +51,26 @@ LVEVAL_BLACKLIST_ZH: tuple[str, ...] = (
     "包括", "无", "将", "用", "能", "形", "方面", "因素", "位于", "而", "从", "到", "一定", "用于",
     "但", "使用", "让", "具有", "并", "亿元", "万元", "上", "类", "基于", "才", "来", "地", "片",
     "其他", "个", "或者", "变得", "时", "给", "你", "使", "条", "受", "已经", "带", "度",
-)
+)  # fmt: skip
 LVEVAL_KEYWORD_THRESHOLD = {"en": 0.2, "zh": 0.4}
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
+@functools.cache
+def _jieba() -> Any:
+    """jieba, imported on first use (its dictionary takes about a second to load) and with its
+    DEBUG logging of that load turned down, so that scoring writes nothing to stderr."""
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
+
+
 def _jieba_cut(text: str) -> list[str]:
     """jieba precise mode (``cut_all=False``, HMM on), as every official Chinese metric uses."""
-    import jieba  # lazy: loading its dictionary takes about a second
-
-    return list(jieba.cut(text, cut_all=False))
+    return list(_jieba().cut(text, cut_all=False))
 
 
 def normalize_answer(s: str) -> str:
