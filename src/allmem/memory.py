@@ -258,6 +258,7 @@ class AllMemMemory(nn.Module):
         chunk = config.chunk
         fill = state.fill
         device = q.device
+        fresh_buffer = not bool(fill.any())
         total = fill + seq_lens  # tokens of each row in the combined sequence
         comb_len = int(fill.max()) + length
         # combined position i of row b reads buffer slot i (i < fill_b) or new token i - fill_b
@@ -271,9 +272,12 @@ class AllMemMemory(nn.Module):
                 index = index.unsqueeze(-1).expand(-1, -1, -1, both.shape[-1])
             return both.gather(2, index)
 
-        q_c = combine(torch.zeros_like(state.buffer_k), q)
-        k_c, v_c = combine(state.buffer_k, k), combine(state.buffer_v, v)
-        eta_c, beta_c = combine(state.buffer_eta, eta), combine(state.buffer_beta, beta_logits)
+        if fresh_buffer:  # nothing buffered: the combined sequence is the segment itself
+            q_c, k_c, v_c, eta_c, beta_c = q, k, v, eta, beta_logits
+        else:
+            q_c = combine(torch.zeros_like(state.buffer_k), q)
+            k_c, v_c = combine(state.buffer_k, k), combine(state.buffer_v, v)
+            eta_c, beta_c = combine(state.buffer_eta, eta), combine(state.buffer_beta, beta_logits)
         num_chunks = -(-comb_len // chunk)
         padded = num_chunks * chunk
         chunk_sums = F.pad(beta_c, (0, padded - comb_len)).view(batch, heads, num_chunks, chunk).sum(-1)
@@ -286,8 +290,10 @@ class AllMemMemory(nn.Module):
             self._state_flat(state), norms, chunk_size=chunk, loss=config.inner_loss, clip=config.clip,
             eps=config.norm_eps, update_mask=update_mask,
         )
-        out_index = (fill[:, None] + torch.arange(length, device=device)[None]).clamp(max=comb_len - 1)
-        o = self._unflat(o_c, batch).gather(2, out_index[:, None, :, None].expand(-1, heads, -1, dim))
+        o = self._unflat(o_c, batch)
+        if not fresh_buffer:
+            out_index = (fill[:, None] + torch.arange(length, device=device)[None]).clamp(max=comb_len - 1)
+            o = o.gather(2, out_index[:, None, :, None].expand(-1, heads, -1, dim))
         if not keep_state:
             return o, None
 

@@ -28,6 +28,8 @@ class TrainSettings:
     decay_fraction: float = 0.2
     """Warmup-stable-decay: the last ``decay_fraction`` of the steps decay linearly to 0."""
     grad_clip: float = 1.0
+    alpha_lr_mult: float = 1.0
+    """(ours) learning-rate multiplier for the fusion scale alpha, which starts at 0."""
     lambda_kl: float = 1.0
     lambda_ce: float = 0.0
     kl_chunk: int = 1024

@@ -143,8 +143,10 @@ class DistillTrainer:
 
     def _setup_optimizer(self) -> None:
         t = self.recipe.train
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=t.lr, weight_decay=t.weight_decay,
-                                           betas=tuple(t.betas))
+        alphas = [p for n, p in self.params.items() if n.endswith(".alpha")]
+        others = [p for n, p in self.params.items() if not n.endswith(".alpha")]
+        groups = [{"params": others}, {"params": alphas, "lr": t.lr * t.alpha_lr_mult, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, wsd_schedule(t.steps, t.warmup_steps, t.decay_fraction))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)

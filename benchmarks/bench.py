@@ -1,0 +1,204 @@
+"""Cost of AllMem against full attention on the real SmolLM2, measured in one run.
+
+    .venv/bin/python benchmarks/bench.py             # 1k ... 32k, AllMem also at 64k (tens of minutes)
+    .venv/bin/python benchmarks/bench.py --quick     # 1k, 4k, 8k (a few minutes)
+
+Every (system, length) point runs in a fresh subprocess so peak resident memory belongs
+to that point alone. Systems: the base model with transformers SDPA attention and its
+standard cache ("full"), and the converted model ("allmem-W", 4 sinks, chunk 128, memory
+on). Per point: prefill wall time, decode ms/token (median over --decode-steps tokens after
+the prefill), cache bytes and peak RSS. Then the memory op's GFLOP/s against a plain
+torch.matmul of comparable shape in the same process. Writes results/bench.{json,md} and
+PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure_point(system: str, length: int, decode_steps: int, threads: int) -> dict:
+    import torch
+
+    import allmem
+    from allmem.corpus import long_document
+
+    torch.set_num_threads(threads)
+    base, tok = allmem.load_base("smollm2")
+    text = long_document()
+    ids = tok(text, return_tensors="pt").input_ids
+    while ids.shape[1] < length + decode_steps:
+        ids = torch.cat([ids, ids], dim=1)
+    prompt, follow = ids[:, :length], ids[:, length : length + decode_steps]
+    times = []
+    with torch.no_grad():
+        if system == "full":
+            model = base
+            t0 = time.perf_counter()
+            out = model(prompt, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+            cache = out.past_key_values
+            for t in range(decode_steps):
+                t0 = time.perf_counter()
+                out = model(follow[:, t : t + 1], past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - t0)
+                cache = out.past_key_values
+            cache_bytes = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                              for layer in cache.layers)
+        else:
+            window = int(system.split("-")[1])
+            model = allmem.convert(base, allmem.AllMemConfig(window=window, sinks=4, chunk=128)).eval()
+            with torch.no_grad():  # memory on: a non-zero alpha so no work is skipped anywhere
+                for layer in model.model.layers:
+                    layer.self_attn.alpha.fill_(0.1)
+            cache = model.new_cache()
+            t0 = time.perf_counter()
+            for start in range(0, length, 4096):  # constant-memory ingestion
+                model(prompt[:, start : start + 4096], cache=cache, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+            for t in range(decode_steps):
+                t0 = time.perf_counter()
+                model(follow[:, t : t + 1], cache=cache)
+                times.append(time.perf_counter() - t0)
+            cache_bytes = cache.nbytes()
+    return {
+        "system": system, "length": length, "prefill_s": prefill, "decode_ms": 1000 * statistics.median(times),
+        "cache_bytes": cache_bytes, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def memory_op_efficiency(threads: int) -> list[dict]:
+    """GFLOP/s of chunk_ttt (SmolLM2 shapes: 3 heads x d 64, batch 1, 8k tokens) vs torch.matmul."""
+    import torch
+
+    from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
+
+    torch.set_num_threads(threads)
+    n, d, length = 3, 64, 8192
+    rows = []
+    for chunk in (128, 512, 2048):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(n, length, d, generator=g) for _ in range(3))
+        eta = torch.full((n, length), 0.1)
+        beta = torch.full((n, length // chunk), 0.5)
+        w0 = FastWeights(*(torch.randn(n, d, d, generator=g) / 8 for _ in range(3)))
+        state = TTTState(w0, FastWeights(*(torch.zeros_like(w) for w in w0)))
+        norms = row_norms(w0)
+        chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)  # warm-up
+        reps = 3
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)
+        op_s = (time.perf_counter() - t0) / reps
+        # matmul FLOPs per chunk: read 3 (C x d x d), update: forward on keys 3 + backward 5
+        flops = (length // chunk) * 11 * 2 * n * chunk * d * d
+        a, b = torch.randn(n, chunk, d), torch.randn(n, d, d)
+        for _ in range(3):
+            torch.matmul(a, b)
+        count = max(1, int(2e8 // (2 * n * chunk * d * d)))
+        t0 = time.perf_counter()
+        for _ in range(count):
+            torch.matmul(a, b)
+        mm_s = (time.perf_counter() - t0) / count
+        mm_gflops = 2 * n * chunk * d * d / mm_s / 1e9
+        rows.append({"chunk": chunk, "op_gflops": flops / op_s / 1e9, "matmul_gflops": mm_gflops,
+                     "ratio": flops / op_s / 1e9 / mm_gflops})
+    return rows
+
+
+def write_report(points: list[dict], op_rows: list[dict], out: Path, args) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}"
+    lines = [f"Machine: {machine}; python {platform.python_version()}", "",
+             "| system | tokens | prefill s | decode ms/token | cache MiB | peak RSS MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for p in sorted(points, key=lambda p: (p["system"], p["length"])):
+        if "error" in p:
+            lines.append(f"| {p['system']} | {p['length']} | {p['error']} | | | |")
+            continue
+        lines.append(f"| {p['system']} | {p['length']} | {p['prefill_s']:.1f} | {p['decode_ms']:.1f} | "
+                     f"{p['cache_bytes'] / 2**20:.1f} | {p['peak_rss_mib']:.0f} |")
+    lines += ["", "Memory op (chunk_ttt, 3 heads x 64, 8k tokens) vs torch.matmul [3, C, 64] x [3, 64, 64]:", "",
+              "| chunk | op GFLOP/s | matmul GFLOP/s | ratio |", "| ---: | ---: | ---: | ---: |"]
+    for r in op_rows:
+        lines.append(f"| {r['chunk']} | {r['op_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['ratio']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "bench.md").write_text(text)
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "points": points, "memory_op": op_rows}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for system in sorted({p["system"] for p in points}):
+            ps = sorted((p for p in points if p["system"] == system and "error" not in p), key=lambda p: p["length"])
+            xs = [p["length"] for p in ps]
+            axes[0].plot(xs, [p["prefill_s"] for p in ps], "o-", label=system)
+            axes[1].plot(xs, [p["decode_ms"] for p in ps], "o-", label=system)
+            axes[2].plot(xs, [p["cache_bytes"] / 2**20 for p in ps], "o-", label=system)
+        for ax, title in zip(axes, ("prefill (s)", "decode (ms/token)", "cache (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context tokens")
+            ax.set_title(title)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"SmolLM2-135M: full attention vs AllMem ({machine})")
+        fig.tight_layout()
+        fig.savefig(out / "bench.png", dpi=110)
+    except ImportError:
+        pass
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1k, 4k, 8k only")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 8192, 16384, 32768])
+    parser.add_argument("--allmem-extra", type=int, nargs="*", default=[65536], help="lengths for AllMem only")
+    parser.add_argument("--windows", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument("--full-max", type=int, default=32768, help="longest full-attention point")
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--point", nargs=2, metavar=("SYSTEM", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.point:
+        print(json.dumps(measure_point(args.point[0], int(args.point[1]), args.decode_steps, args.threads)))
+        return 0
+    if args.quick:
+        args.lengths, args.allmem_extra = [1024, 4096, 8192], []
+    plan = [("full", n) for n in args.lengths if n <= args.full_max]
+    plan += [(f"allmem-{w}", n) for w in args.windows for n in args.lengths + args.allmem_extra]
+    points = []
+    for system, length in plan:
+        print(f"[bench] {system} @ {length} ...", flush=True)
+        cmd = [sys.executable, __file__, "--point", system, str(length), "--decode-steps", str(args.decode_steps),
+               "--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["failed"]
+            points.append({"system": system, "length": length, "error": tail[0][:80]})
+            continue
+        points.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"[bench]   {points[-1]}", flush=True)
+    op_rows = memory_op_efficiency(args.threads)
+    print(write_report(points, op_rows, args.out, args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
