@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default="float32")
     _add_conversion_args(p)
     p.set_defaults(func=cmd_generate_data)
+
+    from .cost import register as register_cost
+
+    register_cost(sub)
     return parser
 
 
