@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .baselines.mamba2 import Mamba2State
 from .layer import LayerState, WindowState
 from .memory import MemoryState
 
 CACHE_FORMAT = "allmem-cache/1"
+MEMORY_STATES = {"ttt": MemoryState, "mamba2": Mamba2State}  # memory_type -> state class
 
 
 class AllMemCache:
@@ -79,6 +81,15 @@ class AllMemCache:
                 window = WindowState(**{k: fn(v) for k, v in state.window.tensors().items()})
                 self.layers[i] = LayerState(window, state.memory.map(fn))
 
+    def memory_type(self) -> str:
+        """The memory_type whose states the layers hold ("ttt" while nothing is written)."""
+        for state in self.layers:
+            if state is not None:
+                for name, cls in MEMORY_STATES.items():
+                    if isinstance(state.memory, cls):
+                        return name
+        return "ttt"
+
     # ------------------------------------------------------- save / restore
     def save(self, path: str | os.PathLike, metadata: dict | None = None) -> None:
         """Write the state as one safetensors file, atomically (temp file + rename)."""
@@ -91,6 +102,7 @@ class AllMemCache:
             "sinks": str(self.sinks),
             "chunk": str(self.chunk),
             "columns": str(self.columns),
+            "memory_type": self.memory_type(),
             "extra": json.dumps(metadata or {}),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
@@ -114,6 +126,10 @@ class AllMemCache:
             meta = f.metadata() or {}
         if meta.get("format") != CACHE_FORMAT:
             raise ValueError(f"{path} is not an AllMem cache file (format {meta.get('format')!r}, expected {CACHE_FORMAT!r})")
+        memory_type = meta.get("memory_type", "ttt")  # files from before memory_type hold TTT states
+        if memory_type not in MEMORY_STATES:
+            raise ValueError(f"{path} holds memory states of unknown type {memory_type!r}; known: {sorted(MEMORY_STATES)}")
+        state_cls = MEMORY_STATES[memory_type]
         tensors = load_file(str(path), device=str(device))
         cache = cls(int(meta["num_layers"]), int(meta["window"]), int(meta["sinks"]), int(meta["chunk"]))
         cache.columns = int(meta["columns"])
@@ -123,7 +139,7 @@ class AllMemCache:
             if f"{prefix}window.sink_k" not in tensors:
                 continue
             window = WindowState(**{k[len(prefix) + 7:]: v for k, v in tensors.items() if k.startswith(prefix + "window.")})
-            memory = MemoryState.from_tensors({k[len(prefix) + 7:]: v for k, v in tensors.items() if k.startswith(prefix + "memory.")})
+            memory = state_cls.from_tensors({k[len(prefix) + 7:]: v for k, v in tensors.items() if k.startswith(prefix + "memory.")})
             cache.layers[i] = LayerState(window, memory)
         cache.metadata = json.loads(meta.get("extra", "{}"))
         return cache

@@ -11,6 +11,7 @@ from typing import Any, Literal
 POSITION_MODES = ("rolling", "absolute")
 INIT_MODES = ("attention", "random")
 INNER_LOSSES = ("mse", "dot")
+MEMORY_TYPES = ("ttt", "mamba2")
 
 
 class ConfigError(ValueError):
@@ -49,9 +50,19 @@ class AllMemConfig:
     """(ours) tau: per-matrix clip on the Frobenius norm of the inner gradient; None disables."""
     norm_eps: float = 1e-5
     init: Literal["attention", "random"] = "attention"
-    """attention: memory k/v copy the attention's k_proj/v_proj, q the group mean of q_proj."""
+    """attention: memory k/v copy the attention's k_proj/v_proj, q the group mean of q_proj.
+    With memory_type="mamba2" both modes give Mamba-2's own initialisation (nothing is copied)."""
     swa_block: int | None = None
     """Query block of the blocked prefill; None = min(W, 128)."""
+    memory_type: Literal["ttt", "mamba2"] = "ttt"
+    """ttt: the AllMem test-time-trained memory; mamba2: the paper's baseline, a Mamba-2 (SSD)
+    mixer of about the same parameter count in its place (allmem.baselines.mamba2)."""
+    mamba_heads: int | None = None
+    """(mamba2) heads; None = chosen with mamba_state to match the TTT memory's parameter count."""
+    mamba_head_dim: int | None = None
+    """(mamba2) P: head width; None = the base model's head_dim."""
+    mamba_state: int | None = None
+    """(mamba2) N: state size; None = the largest of 128/64/32/16 that meets the budget (2%)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into saved adapters (never read by the model)."""
 
@@ -66,6 +77,13 @@ class AllMemConfig:
         need(isinstance(self.sinks, int) and self.sinks >= 0, f"sinks must be an integer >= 0, got {self.sinks!r}")
         need(self.positions in POSITION_MODES, f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         need(self.init in INIT_MODES, f"init must be one of {INIT_MODES}, got {self.init!r}")
+        need(self.memory_type in MEMORY_TYPES,
+             f"memory_type must be one of {MEMORY_TYPES} ('ttt' = the AllMem memory, 'mamba2' = the Mamba-2 "
+             f"baseline), got {self.memory_type!r}")
+        for name in ("mamba_heads", "mamba_head_dim", "mamba_state"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                 f"{name} must be None or a positive integer, got {value!r}")
         need(self.inner_loss in INNER_LOSSES, f"inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
         for name in ("memory_heads", "memory_head_dim"):
             value = getattr(self, name)

@@ -75,7 +75,9 @@ def convert(base: PreTrainedModel, config: AllMemConfig | None = None, *, base_n
     for p in model.memory_parameters().values():
         p.data = p.data.to(device=reference.device, dtype=reference.dtype)
         p.requires_grad_(True)
-    if config.init == "attention":
+    # the Mamba-2 baseline keeps Mamba-2's own initialisation: its x/B/C/dt projections have no
+    # shape-compatible counterpart in the attention (N and H*P differ from the key/value widths)
+    if config.init == "attention" and config.memory_type == "ttt":
         init_memory_from_attention(model)
     model.train(base.training)
     return model

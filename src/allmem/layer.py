@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .baselines.mamba2 import Mamba2Memory, Mamba2State
 from .config import AllMemConfig
 from .memory import AllMemMemory, MemoryState
 from .ops.swa import swa_blocked, swa_dense
@@ -68,7 +69,7 @@ class WindowState:
 @dataclass
 class LayerState:
     window: WindowState
-    memory: MemoryState
+    memory: MemoryState | Mamba2State
 
 
 def _gather_time(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -83,12 +84,15 @@ class AllMemAttention(nn.Module):
         self.head_dim = attention.head_dim
         self.num_kv_heads = num_kv_heads
         self.layer_idx = attention.layer_idx
-        self.memory = AllMemMemory(
-            hidden_size,
-            config.memory_heads or num_kv_heads,
-            config.memory_head_dim or self.head_dim,
-            config,
-        )
+        if config.memory_type == "mamba2":  # the baseline: Mamba-2 of the same parameter budget
+            self.memory = Mamba2Memory.for_config(hidden_size, num_kv_heads, self.head_dim, config)
+        else:
+            self.memory = AllMemMemory(
+                hidden_size,
+                config.memory_heads or num_kv_heads,
+                config.memory_head_dim or self.head_dim,
+                config,
+            )
         self.alpha = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, hidden_states: torch.Tensor, allmem_segment: Segment | None = None, **_unused):
