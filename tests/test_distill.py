@@ -182,3 +182,29 @@ def test_two_process_cpu_run_through_accelerate_launch(tiny_smollm_dir, tmp_path
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(math.isfinite(x["loss"]) for x in lines)
     assert (tmp_path / "ddp" / "adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.real_model
+def test_a_few_dozen_steps_of_the_cpu_recipe_lower_the_heldout_loss(tmp_path):
+    """The smollm2-cpu recipe on the real SmolLM2, shrunk to 512-token text and a 64-token window.
+
+    Measured when written: held-out KL 0.2925 -> 0.2876 after 24 steps, perplexity SWA 19.95,
+    AllMem 19.70, full attention 14.17 (the memory has only started to help; see docs).
+    """
+    recipe = load_recipe("smollm2-cpu", [
+        f"train.output_dir={tmp_path}", "train.steps=24", "train.save_every=0", "train.eval_every=0",
+        "train.warmup_steps=2", "train.lr=1e-3", "allmem.window=64", "allmem.chunk=32",
+        "randomize={window: [48, 96], sinks: [1, 4], chunk: [16, 48]}",
+        "data=[{source: text, count: 40, lengths: [448, 512]}]",
+        "heldout=[{source: text, count: 4, lengths: [512, 512]}]",
+    ])
+    trainer = DistillTrainer(recipe, progress=False).setup()
+    before = trainer.evaluate()
+    assert before["allmem_ppl"] == pytest.approx(before["swa_ppl"])  # alpha = 0: exactly SWA + sinks
+    trainer.train()
+    after = trainer.evaluate()
+    print(f"held-out KL {before['kl']:.4f} -> {after['kl']:.4f}; ppl SWA {after['swa_ppl']:.2f}, "
+          f"AllMem {after['allmem_ppl']:.2f}, full {after['full_ppl']:.2f}")
+    assert after["kl"] < before["kl"] - 0.002
+    assert after["allmem_ppl"] < after["swa_ppl"]
+    assert after["swa_ppl"] == pytest.approx(before["swa_ppl"])  # the frozen base did not move
