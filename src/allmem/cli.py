@@ -310,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate_data)
 
     from .cost import register as register_cost
+    from .eval.cli import register as register_eval
 
     register_cost(sub)
+    register_eval(sub)
     return parser
 
 
