@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import allmem
 from allmem import cost
-from conftest import tiny_base
+from tiny_models import tiny_base
 
 # hidden 8, 1 layer, 2 query heads, 1 kv head, head_dim 4, MLP 16, vocab 10
 SMALL = dict(name="small", hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,

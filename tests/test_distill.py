@@ -17,7 +17,7 @@ from allmem.distill.data import chat_sample, collate, length_grouped_batches, to
 from allmem.distill.losses import chunked_distill_loss, scored_positions
 from allmem.distill.recipe import load_recipe
 from allmem.distill.trainer import DistillTrainer, draw_runtime
-from conftest import randomise_memory, tiny_base
+from tiny_models import randomise_memory, tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import allmem
-from conftest import tiny_base
+from tiny_models import tiny_base
 
 
 @pytest.mark.parametrize(

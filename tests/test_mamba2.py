@@ -20,7 +20,7 @@ from allmem.baselines.mamba2 import (
     ttt_memory_param_count,
 )
 from allmem.baselines.mamba2_naive import naive_mamba2_forward, ssd_naive
-from conftest import randomise_memory, tiny_base
+from tiny_models import randomise_memory, tiny_base
 
 VOCAB = 128
 F64 = torch.float64

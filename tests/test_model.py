@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import allmem
-from conftest import TINY_FAMILIES, randomise_memory, tiny_base
+from tiny_models import TINY_FAMILIES, randomise_memory, tiny_base
 
 VOCAB = 128
 
