@@ -208,3 +208,20 @@ def test_a_few_dozen_steps_of_the_cpu_recipe_lower_the_heldout_loss(tmp_path):
     assert after["kl"] < before["kl"] - 0.002
     assert after["allmem_ppl"] < after["swa_ppl"]
     assert after["swa_ppl"] == pytest.approx(before["swa_ppl"])  # the frozen base did not move
+
+
+def test_generate_data_writes_on_policy_samples_and_resumes(tiny_smollm_dir, tmp_path):
+    from allmem.cli import main
+    from allmem.distill.data import file_samples
+
+    out = tmp_path / "onpolicy.jsonl"
+    args = ["generate-data", "--model", str(tiny_smollm_dir), "--tasks", "2", "--lengths", "120", "160",
+            "--out", str(out), "--max-new-tokens", "4", "--window", "32", "--sinks", "2", "--chunk", "16"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and all(r["messages"][-1]["role"] == "assistant" for r in records)
+    assert main(args) == 0  # rerun: nothing left to generate
+    assert len(out.read_text().splitlines()) == 2
+    _, tok = allmem.load_base(str(tiny_smollm_dir))
+    samples = file_samples(tok, out, max_len=512)  # trainable as a file source
+    assert all(sum(s.loss_mask) > 0 for s in samples)

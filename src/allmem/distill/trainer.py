@@ -276,10 +276,30 @@ class DistillTrainer:
 
     # ---------------------------------------------------------------- loop
     def _log(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.accelerator.is_main_process:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            values = record.get("eval", record)
+            prefix = "eval" if "eval" in record else "train"
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        """A TensorBoard writer under output_dir/tensorboard when tensorboard is installed."""
+        if not hasattr(self, "_tb_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb_writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tb_writer = None
+        return self._tb_writer
 
     def save(self) -> None:
         self.accelerator.wait_for_everyone()
