@@ -321,6 +321,33 @@ def predict(
     return generated
 
 
+def predict_subsets(
+    out_dir: Path,
+    benchmark: str,
+    data: Mapping[str, Sequence[Sample]],
+    generate_fn: GenerateFn,
+    settings: Mapping[str, Any],
+    *,
+    build_prompt: Callable[[Sample, str], str],
+    max_new_tokens: Mapping[str, int],
+    make_record: Callable[[Sample, str], dict[str, Any]],
+    file_stem: Callable[[str], str] = lambda subset: subset,
+) -> dict[str, list[str]]:
+    """The shared body of every runner: guard the settings, predict each subset resumably,
+    and return the ids asked for per subset (so a ``limit`` scores only those)."""
+    check_run_settings(out_dir, {"benchmark": benchmark, **settings})
+    for subset, samples in data.items():
+        predict(
+            samples,
+            subset_preds_path(out_dir, file_stem(subset)),
+            generate_fn,
+            build_prompt=lambda s, subset=subset: build_prompt(s, subset),
+            max_new_tokens=max_new_tokens[subset],
+            make_record=make_record,
+        )
+    return {subset: [s.id for s in samples] for subset, samples in data.items()}
+
+
 def check_run_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
     """Refuse to resume into a folder whose predictions were made with other settings.
 

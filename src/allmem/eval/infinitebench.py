@@ -37,12 +37,11 @@ from .common import (
     Sample,
     TokenizerLike,
     average,
-    check_run_settings,
     keep_ids,
     load_samples,
     mean_percent,
     middle_truncate,
-    predict,
+    predict_subsets,
     read_predictions,
     require_file,
     subset_preds_path,
@@ -155,17 +154,10 @@ def run_infinitebench(
         _check_subset(subset)
     data = {subset: load_infinitebench(data_dir, subset, limit=limit) for subset in subsets}
     settings = {"max_length": max_length, "chat_template": chat_template is not None}
-    check_run_settings(out_dir, {"benchmark": "infinitebench", **settings})
-    for subset, samples in data.items():
-        predict(
-            samples,
-            subset_preds_path(out_dir, subset),
-            generate_fn,
-            build_prompt=lambda s, subset=subset: build_prompt(
-                s, subset, tokenizer, max_length, chat_template
-            ),
-            max_new_tokens=MAX_NEW_TOKENS[subset],
-            make_record=lambda s, _pred: {"label": s.fields["answer"]},
-        )
-    ids = {subset: [s.id for s in samples] for subset, samples in data.items()}
+    ids = predict_subsets(
+        out_dir, "infinitebench", data, generate_fn, settings,
+        build_prompt=lambda s, subset: build_prompt(s, subset, tokenizer, max_length, chat_template),
+        max_new_tokens=MAX_NEW_TOKENS,
+        make_record=lambda s, _pred: {"label": s.fields["answer"]},
+    )
     return score_infinitebench(out_dir, subsets, settings={**settings, "limit": limit}, ids=ids)

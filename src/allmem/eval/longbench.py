@@ -41,11 +41,10 @@ from .common import (
     Sample,
     TokenizerLike,
     average,
-    check_run_settings,
     keep_ids,
     load_samples,
     middle_truncate,
-    predict,
+    predict_subsets,
     read_predictions,
     require_file,
     subset_preds_path,
@@ -252,17 +251,10 @@ def run_longbench(
         _check_subset(subset)
     data = {subset: load_longbench(data_dir, subset, limit=limit) for subset in subsets}
     settings = {"max_length": max_length, "chat_template": chat_template is not None}
-    check_run_settings(out_dir, {"benchmark": "longbench", **settings})
-    for subset, samples in data.items():
-        predict(
-            samples,
-            subset_preds_path(out_dir, subset),
-            generate_fn,
-            build_prompt=lambda s, subset=subset: build_prompt(
-                s, subset, tokenizer, max_length, chat_template
-            ),
-            max_new_tokens=DATASET2MAXLEN[subset],
-            make_record=_record,
-        )
-    ids = {subset: [s.id for s in samples] for subset, samples in data.items()}
+    ids = predict_subsets(
+        out_dir, "longbench", data, generate_fn, settings,
+        build_prompt=lambda s, subset: build_prompt(s, subset, tokenizer, max_length, chat_template),
+        max_new_tokens=DATASET2MAXLEN,
+        make_record=_record,
+    )
     return score_longbench(out_dir, subsets, settings={**settings, "limit": limit}, ids=ids)

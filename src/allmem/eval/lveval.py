@@ -35,12 +35,11 @@ from .common import (
     Sample,
     TokenizerLike,
     average,
-    check_run_settings,
     keep_ids,
     load_samples,
     mean_percent,
     middle_truncate,
-    predict,
+    predict_subsets,
     read_predictions,
     require_file,
     subset_preds_path,
@@ -221,17 +220,11 @@ def run_lveval(
     data = {subset: load_lveval(data_dir, subset, level, limit=limit) for subset in subsets}
     settings = {"max_length": max_length, "chat_template": chat_template is not None}
     # the level is in every file name, so levels can share a folder
-    check_run_settings(out_dir, {"benchmark": "lveval", **settings})
-    for subset, samples in data.items():
-        predict(
-            samples,
-            subset_preds_path(out_dir, file_stem(subset, level)),
-            generate_fn,
-            build_prompt=lambda s, subset=subset: build_prompt(
-                s, subset, tokenizer, max_length, chat_template
-            ),
-            max_new_tokens=DATASET_MAXGEN[subset],
-            make_record=_record,
-        )
-    ids = {subset: [s.id for s in samples] for subset, samples in data.items()}
+    ids = predict_subsets(
+        out_dir, "lveval", data, generate_fn, settings,
+        build_prompt=lambda s, subset: build_prompt(s, subset, tokenizer, max_length, chat_template),
+        max_new_tokens=DATASET_MAXGEN,
+        make_record=_record,
+        file_stem=lambda subset: file_stem(subset, level),
+    )
     return score_lveval(out_dir, subsets, level, settings={**settings, "limit": limit}, ids=ids)
