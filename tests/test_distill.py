@@ -193,7 +193,7 @@ def test_a_few_dozen_steps_of_the_cpu_recipe_lower_the_heldout_loss(tmp_path):
     """
     recipe = load_recipe("smollm2-cpu", [
         f"train.output_dir={tmp_path}", "train.steps=24", "train.save_every=0", "train.eval_every=0",
-        "train.warmup_steps=2", "train.lr=1e-3", "allmem.window=64", "allmem.chunk=32",
+        "train.warmup_steps=2", "train.lr=1e-3", "train.alpha_lr_mult=1", "allmem.window=64", "allmem.chunk=32",
         "randomize={window: [48, 96], sinks: [1, 4], chunk: [16, 48]}",
         "data=[{source: text, count: 40, lengths: [448, 512]}]",
         "heldout=[{source: text, count: 4, lengths: [512, 512]}]",

@@ -1,4 +1,4 @@
-"""Command line: ``allmem convert``, ``allmem generate``, ``allmem demo``."""
+"""Command line: ``allmem convert | generate | chat | read | demo | distill | ...``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import time
 from pathlib import Path
 
 DEFAULT_BASE = "smollm2"
+DEFAULT_ADAPTER = "smollm2-allmem"  # ships in the package: the distilled memory of DEFAULT_BASE
+
+
+def default_model() -> str:
+    """The shipped adapter when present, else the base model (converted, untrained memory)."""
+    from .modeling import adapter_dir
+
+    return DEFAULT_ADAPTER if adapter_dir(DEFAULT_ADAPTER) is not None and \
+        (adapter_dir(DEFAULT_ADAPTER) / "adapter.safetensors").is_file() else DEFAULT_BASE
 
 
 def _dtype(name: str):
@@ -44,9 +53,9 @@ def _allmem_config(args):
 def _load_model(spec: str, args):
     """An adapter directory (allmem_config.json inside) or a base model to convert."""
     from . import convert, from_pretrained, load_base
-    from .modeling import ADAPTER_CONFIG
+    from .modeling import adapter_dir
 
-    if (Path(spec) / ADAPTER_CONFIG).is_file():
+    if adapter_dir(spec) is not None:
         model = from_pretrained(spec, dtype=args.dtype)
         model.tokenizer.model_max_length = 10**12
         return model, model.tokenizer
@@ -158,6 +167,77 @@ def cmd_demo(args) -> int:
                        do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     print(f"\ncache after answering: {cache.nbytes() / 2**20:.2f} MiB "
           "(untrained memory: alpha = 0, so this is SWA + sinks until an adapter is trained)")
+    return 0
+
+
+def _open_session(args, model, tokenizer):
+    from .session import Session
+
+    if args.session and Path(args.session).is_file():
+        session = Session.load(args.session, model, tokenizer, segment=args.segment)
+        print(f"[resumed {args.session}: {session.turns} turns, {session.tokens_read} tokens, "
+              f"state {session.cache.nbytes() / 2**20:.2f} MiB]", file=sys.stderr)
+        return session
+    return Session(model, tokenizer, segment=args.segment)
+
+
+def _answer(session, question: str, args) -> str:
+    import torch
+
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    pieces = []
+    for piece in session.ask(question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, generator=generator):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def cmd_chat(args) -> int:
+    """Chat in one constant-size state; with --session it is saved after every turn."""
+    model, tokenizer = _load_model(args.model, args)
+    session = _open_session(args, model, tokenizer)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("[chat: /exit or Ctrl-D to leave" + (f"; saved to {args.session} after each turn]" if args.session else "]"),
+              file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        if not line.strip():
+            continue
+        if not interactive:
+            print(f"you> {line.strip()}")
+        print("allmem> ", end="", flush=True)
+        _answer(session, line.strip(), args)
+        if args.session:
+            session.save(args.session)
+    print(f"[{session.turns} turns, {session.tokens_read} tokens, state {session.cache.nbytes() / 2**20:.2f} MiB]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_read(args) -> int:
+    """Stream a text file of any length into a saved state, then optionally ask about it."""
+    from .streaming import resident_mib
+
+    model, tokenizer = _load_model(args.model, args)
+    session = _open_session(args, model, tokenizer)
+    t0 = time.perf_counter()
+    n = session.read_file(args.file, progress=not args.quiet)
+    elapsed = time.perf_counter() - t0
+    session.save(args.session)
+    print(f"read {n} tokens of {args.file} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.0f} tokens/s); "
+          f"state {session.cache.nbytes() / 2**20:.2f} MiB, RSS {resident_mib():.0f} MiB -> {args.session}",
+          file=sys.stderr)
+    for question in args.ask or []:
+        print(f"Q: {question}\nA: ", end="", flush=True)
+        _answer(session, question, args)
+        session.save(args.session)
     return 0
 
 
@@ -278,6 +358,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conversion_args(p)
     p.set_defaults(func=cmd_demo)
 
+    def add_session_args(p, session_help, required=False):
+        p.add_argument("--model", default=default_model(),
+                       help=f"adapter (directory or shipped name) or base model (default {default_model()})")
+        p.add_argument("--session", required=required, help=session_help)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--segment", type=int, default=1024, help="tokens per forward while reading")
+        p.add_argument("--dtype", type=_dtype, default="float32")
+        _add_conversion_args(p)
+
+    p = sub.add_parser("chat", help="chat in one constant-size state; save and resume it with --session",
+                       description="Chat with an AllMem model. Every turn goes into one state whose size never "
+                                   "grows; --session FILE resumes it if it exists and saves it after each turn. "
+                                   "Reads one message per line from standard input (pipe a file to script it).")
+    add_session_args(p, "session file (.safetensors): resumed if it exists, saved after every turn")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("read", help="ingest a text file of any length into a saved state for later questions",
+                       description="Stream FILE into the state of --session (created, or extended if it exists), "
+                                   "in bounded memory, and save it; ask about it with --ask or `allmem chat --session`.")
+    p.add_argument("file", help="text file (UTF-8), any length")
+    p.add_argument("--ask", action="append", help="a question to answer after reading (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_session_args(p, "session file to create or extend", required=True)
+    p.set_defaults(func=cmd_read)
+
     p = sub.add_parser("distill", help="train the memory by distillation from the original model",
                        description="Forward-KL distillation of the memory. Runs on one CPU as is; for several "
                                    "GPUs run it under `accelerate launch --config_file recipes/accelerate/...`.")
@@ -326,11 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     from .distill.data import DataError
     from .loading import EmbeddedModelNotInstalledError, HubUnreachableError
     from .modeling import AdapterMismatchError
+    from .session import SessionError
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
-            EmbeddedModelNotInstalledError, HubUnreachableError, DataError) as exc:
+            EmbeddedModelNotInstalledError, HubUnreachableError, DataError, SessionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

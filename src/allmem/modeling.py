@@ -31,6 +31,8 @@ from .layer import AllMemAttention, Segment
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "allmem_config.json"
+# adapters that ship inside the package, usable by name wherever an adapter directory is
+SHIPPED_ADAPTERS = {"smollm2-allmem": Path(__file__).parent / "adapters" / "smollm2-allmem"}
 ADAPTER_FORMAT = "allmem-adapter/1"
 
 
@@ -268,7 +270,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
+        directory = adapter_dir(directory) or Path(directory)
         meta = read_adapter_config(directory)
         check_signature(meta["base_signature"], self._signature, str(directory))
         weights_path = directory / ADAPTER_WEIGHTS
@@ -289,7 +291,16 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
                 p.copy_(tensors[name].to(p.dtype))
 
 
+def adapter_dir(spec: str | os.PathLike) -> Path | None:
+    """The adapter directory ``spec`` names (a shipped name or a directory with an adapter
+    config), or None when it names something else, such as a base model."""
+    if str(spec) in SHIPPED_ADAPTERS:
+        return SHIPPED_ADAPTERS[str(spec)]
+    return Path(spec) if (Path(spec) / ADAPTER_CONFIG).is_file() else None
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = adapter_dir(directory) or directory
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(

@@ -35,7 +35,6 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -406,9 +405,9 @@ def _check_options(spec: SystemSpec, allowed: set[str]) -> None:
 
 
 def _is_adapter(target: str) -> bool:
-    from ..modeling import ADAPTER_CONFIG
+    from ..modeling import adapter_dir
 
-    return (Path(target) / ADAPTER_CONFIG).is_file()
+    return adapter_dir(target) is not None
 
 
 def load_system(spec: str | SystemSpec, *, device: str | None = None) -> System:

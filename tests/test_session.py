@@ -1,0 +1,138 @@
+"""Sessions: one constant-size state across chat turns, saved and resumed exactly
+(`allmem chat --session`), and `allmem read FILE` in bounded memory."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import randomise_memory
+
+import allmem
+from allmem.cli import main
+from allmem.session import Session, SessionError, TurnTemplate, iter_text_blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_smollm_dir, tmp_path_factory):
+    """A tiny converted model with a non-zero memory, saved as an adapter on the tiny base."""
+    base, _ = allmem.load_base(str(tiny_smollm_dir))
+    model = allmem.convert(base, allmem.AllMemConfig(window=16, sinks=2, chunk=8), base_name=str(tiny_smollm_dir))
+    randomise_memory(model, scale=0.2)
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return path
+
+
+def _model(adapter):
+    model = allmem.from_pretrained(adapter)
+    return model, model.tokenizer
+
+
+def test_turn_template_pieces_rebuild_the_tokenizers_own_rendering():
+    _, tok = allmem.load_base("smollm2")
+    t = TurnTemplate.from_tokenizer(tok)
+    conversation = [{"role": "user", "content": "first?"}, {"role": "assistant", "content": "an answer"},
+                    {"role": "user", "content": "second?"}]
+    pieced = t.first_prefix + "first?" + t.suffix + "an answer" + t.next_prefix + "second?" + t.suffix
+    assert pieced == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_session_resumed_in_another_process_continues_exactly(tiny_adapter, tmp_path):
+    questions = ["Where is the key?", "And the lock?", "Say it again."]
+    model, tok = _model(tiny_adapter)
+    reference = Session(model, tok)
+    replies = ["".join(reference.ask(q, max_new_tokens=6)) for q in questions]
+    assert reference.turns == 3 and reference.phase == "closed"
+
+    first = Session(model, tok)
+    assert "".join(first.ask(questions[0], max_new_tokens=6)) == replies[0]
+    path = tmp_path / "chat.safetensors"
+    first.save(path)
+    size_after_one_turn = path.stat().st_size
+
+    # a later process continues the conversation from the file
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "allmem.cli", "chat", "--model", str(tiny_adapter), "--session", str(path),
+         "--max-new-tokens", "6"],
+        input="\n".join(questions[1:]) + "\n", capture_output=True, text=True, env=env, timeout=600, check=True,
+    )
+    assert "resumed" in out.stderr and "1 turns" in out.stderr
+    assert out.stdout == "".join(f"you> {q}\nallmem> {r}\n" for q, r in zip(questions[1:], replies[1:]))
+
+    resumed = Session.load(path, model, tok)
+    assert resumed.turns == 3 and resumed.tokens_read == reference.tokens_read
+    saved, expected = resumed.cache.tensors(), reference.cache.tensors()
+    assert saved.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(saved[name], expected[name]), name
+    assert path.stat().st_size == size_after_one_turn  # the state did not grow with the turns
+
+
+def test_read_streams_a_long_file_in_bounded_memory(tiny_adapter, tmp_path, monkeypatch):
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:120_000]
+    short, long_ = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text(text[:30_000], encoding="utf-8")
+    long_.write_text(text, encoding="utf-8")
+
+    blocks = list(iter_text_blocks(long_, block_chars=4096))
+    assert "".join(blocks) == text and max(map(len, blocks)) <= 2 * 4096  # nothing lost, nothing held whole
+
+    model, tok = _model(tiny_adapter)
+    widths = []
+    real_forward = type(model).forward
+
+    def spy(self, input_ids=None, *args, **kwargs):
+        widths.append(input_ids.shape[1])
+        return real_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    sizes = {}
+    for path in (short, long_):
+        session = Session(model, tok, segment=256)
+        tokens = session.read_file(path, progress=False)
+        sizes[path.name] = (tokens, session.cache.nbytes())
+    assert sizes["long.txt"][0] > 3 * sizes["short.txt"][0]
+    assert sizes["long.txt"][1] == sizes["short.txt"][1]  # constant state whatever the length
+    assert max(widths) <= 256  # never more than one segment per forward
+
+
+def test_read_cli_saves_a_state_that_chat_and_ask_continue(tiny_adapter, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The vault code is 4921. " + "Filler sentence about nothing. " * 200, encoding="utf-8")
+    state = tmp_path / "doc.safetensors"
+    args = ["read", str(doc), "--model", str(tiny_adapter), "--session", str(state), "--quiet", "--max-new-tokens", "4"]
+    assert main(args + ["--ask", "What is the vault code?"]) == 0
+    model, tok = _model(tiny_adapter)
+    session = Session.load(state, model, tok)
+    assert session.turns == 1 and session.phase == "closed" and session.tokens_read > 1000
+
+    # the same, by hand: read into an open user turn, then the question joins that turn
+    by_hand = Session(model, tok)
+    by_hand.read(doc.read_text(encoding="utf-8"))
+    assert by_hand.phase == "open"
+    list(by_hand.ask("What is the vault code?", max_new_tokens=4))
+    for name, value in by_hand.cache.tensors().items():
+        assert torch.equal(value, session.cache.tensors()[name]), name
+
+
+def test_a_session_refuses_another_model_or_a_plain_cache(tiny_adapter, tiny_smollm_dir, tmp_path):
+    model, tok = _model(tiny_adapter)
+    session = Session(model, tok)
+    list(session.ask("hello", max_new_tokens=2))
+    path = tmp_path / "s.safetensors"
+    session.save(path)
+
+    other = allmem.convert(allmem.load_base(str(tiny_smollm_dir))[0], allmem.AllMemConfig(window=16, sinks=2, chunk=8))
+    with pytest.raises(SessionError, match="another model or adapter"):
+        Session.load(path, other, tok)
+
+    plain = tmp_path / "plain.safetensors"
+    session.cache.save(plain)
+    with pytest.raises(SessionError, match="not a session file"):
+        Session.load(plain, model, tok)
+    assert main(["chat", "--model", str(tiny_adapter), "--session", str(plain)]) == 2
