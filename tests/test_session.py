@@ -1,6 +1,7 @@
 """Sessions: one constant-size state across chat turns, saved and resumed exactly
 (`allmem chat --session`), and `allmem read FILE` in bounded memory."""
 
+import math
 import os
 import subprocess
 import sys
@@ -136,3 +137,28 @@ def test_a_session_refuses_another_model_or_a_plain_cache(tiny_adapter, tiny_smo
     with pytest.raises(SessionError, match="not a session file"):
         Session.load(plain, model, tok)
     assert main(["chat", "--model", str(tiny_adapter), "--session", str(plain)]) == 2
+
+
+def test_the_main_job_runs_end_to_end_and_writes_its_report(tiny_adapter, tmp_path):
+    from allmem.demo import DemoPlan, run_demo
+    from allmem.eval.systems import slug
+
+    plan = DemoPlan(stream_tokens=700, ppl_docs=1, long_lengths=(), passkey_lengths=(300,), passkey_depths=(0.2,),
+                    passkey_samples=1, ppl_length=700)
+    logged = []
+    report = run_demo(str(tiny_adapter), tmp_path, plan, window=16, sinks=2, segment=128, progress=False,
+                      log=logged.append)
+    assert report["stream"]["state_bytes"] < report["stream"]["full_kv_bytes"]
+    assert len(report["stream"]["answers"]) == 3
+    assert set(report["ppl"]) == {"full attention", "SWA + sinks", "AllMem"}
+    assert set(report["passkey"]) == {"full attention", "SWA + sinks", "AllMem"}
+    for name in ("report.md", "report.json", "stream_memory.png", "passkey.png", "ppl/ppl.png", "state.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    text = (tmp_path / "report.md").read_text()
+    assert "Streaming a long document" in text and "Passkey" in text
+    # the memory is on: AllMem and SWA + sinks differ
+    assert report["ppl"]["AllMem"]["all"] != report["ppl"]["SWA + sinks"]["all"]
+    # perplexity past position 512, straight from the saved per-token NLLs
+    for name, value in report["ppl_beyond_512"].items():
+        (nll_file,) = (tmp_path / "ppl" / "nll").glob(f"{slug(name)}__700__0.pt")
+        assert value == pytest.approx(math.exp(float(torch.load(nll_file)[511:].double().mean())), abs=0.006)

@@ -124,49 +124,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Until a trained adapter ships: convert the default model, stream a long document
-    through it and answer, printing the constant cache size."""
-    import torch
+    from .demo import run_demo
 
-    from .streaming import ingest, resident_mib
-    from .corpus import long_document
-
-    torch.manual_seed(0)
-    model, tokenizer = _load_model(args.model, args)
-    cfg = model.allmem_config
-    document = long_document()
-    ids = tokenizer(document, return_tensors="pt").input_ids[:, : args.tokens]
-    print(f"model: {args.model} -> AllMem (window {cfg.window}, sinks {cfg.sinks}, chunk {cfg.chunk}); "
-          f"document: {ids.shape[1]} tokens of pydoc_data.topics")
-    text_cfg = model.config.get_text_config()
-    kv_per_token = 2 * text_cfg.num_hidden_layers * text_cfg.num_key_value_heads * model.model.layers[0].self_attn.head_dim \
-        * next(model.parameters()).element_size()
-    rows = []
-    marks = {n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= ids.shape[1]} | {ids.shape[1]}
-
-    def record(done, cache):
-        if done in marks:
-            rows.append((done, cache.nbytes(), done * kv_per_token, resident_mib()))
-
-    t0 = time.perf_counter()
-    cache = ingest(model, ids, segment=args.segment, on_segment=record)
-    elapsed = time.perf_counter() - t0
-    print(f"\ningested {ids.shape[1]} tokens in {elapsed:.1f} s ({ids.shape[1] / elapsed:.0f} tokens/s)")
-    print(f"{'tokens':>8} | {'AllMem cache':>13} | {'full KV cache':>13} | {'RSS':>9}")
-    for done, nbytes, kv, rss in rows:
-        print(f"{done:>8} | {nbytes / 2**20:>9.2f} MiB | {kv / 2**20:>9.1f} MiB | {rss:>5.0f} MiB")
-    question = "\n\nQuestion: In one sentence, what is this documentation about?\nAnswer:"
-    q_ids = tokenizer(question, return_tensors="pt").input_ids
-    full = torch.cat([ids, q_ids], dim=1)
-    ingest(model, q_ids[:, :-1], cache, segment=args.segment, progress=False)
-    from transformers import TextStreamer
-
-    print(question.strip(), end=" ", flush=True)
-    with torch.no_grad():
-        model.generate(full, attention_mask=torch.ones_like(full), cache=cache, max_new_tokens=args.max_new_tokens,
-                       do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
-    print(f"\ncache after answering: {cache.nbytes() / 2**20:.2f} MiB "
-          "(untrained memory: alpha = 0, so this is SWA + sinks until an adapter is trained)")
+    run_demo(args.model, args.out, args.plan, window=args.window, sinks=args.sinks, segment=args.segment,
+             progress=not args.quiet)
     return 0
 
 
@@ -347,15 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conversion_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default model",
-                       description="Convert SmolLM2, stream a long real document through it in constant memory, answer.")
-    p.add_argument("--model", default=DEFAULT_BASE, help="adapter directory or base model (default smollm2)")
-    p.add_argument("--tokens", type=int, default=8192, help="document length in tokens (default 8192)")
-    p.add_argument("--quick", action="store_const", const=2048, dest="tokens", help="a 2k-token document")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--segment", type=int, default=1024)
-    p.add_argument("--dtype", type=_dtype, default="float32")
-    _add_conversion_args(p)
+    p = sub.add_parser("demo", help="the main job: stream a long document, compare full / SWA / AllMem",
+                       description="The main job on the embedded default (SmolLM2 + its shipped adapter): stream a "
+                                   "long document in constant memory and answer questions about it, then compare full "
+                                   "attention, SWA + sinks and AllMem on perplexity by position and passkey retrieval. "
+                                   "Writes report.md, report.json and PNG plots under --out; rerunning resumes.")
+    p.add_argument("--model", default=default_model(),
+                   help=f"adapter (directory or shipped name) or base model (default {default_model()})")
+    plan = p.add_mutually_exclusive_group()
+    plan.add_argument("--quick", action="store_const", const="quick", dest="plan",
+                      help="8k-token stream, 2 ppl windows, passkey at 1k/2k (a few minutes)")
+    plan.add_argument("--full", action="store_const", const="full", dest="plan",
+                      help="all 49 essays (154k tokens), ppl to 32k, more passkey depths, NIAH (about an hour)")
+    p.set_defaults(plan="default")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--window", type=int, default=256, help="sliding window W (default 256)")
+    p.add_argument("--sinks", type=int, default=4, help="sink tokens S (default 4)")
+    p.add_argument("--segment", type=int, default=1024, help="tokens per forward while streaming")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     def add_session_args(p, session_help, required=False):

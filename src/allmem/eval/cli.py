@@ -295,7 +295,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--buckets", nargs="+", type=int, default=None, metavar="EDGE",
                    help="bucket edges in tokens (default 0 256 512 1024 ... doubling)")
     p.add_argument("--source", choices=SOURCES, default="heldout",
-                   help="built-in text when no --text-file: heldout documents (default), pydoc, essays")
+                   help="built-in text when no --text-file: heldout documents (default), pydoc, essays, stdlib (Python source)")
     p.add_argument("--text-file", default=None, help="score this UTF-8 text file instead")
     p.add_argument("--docs", type=int, default=1, help="windows per length, cut one after the other (default 1)")
     p.add_argument("--no-plot", action="store_true", help="skip ppl.png (no matplotlib needed)")

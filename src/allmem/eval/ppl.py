@@ -9,7 +9,8 @@ must hold up.
 
 Texts: ``heldout`` (the corpus's held-out documents, joined; about 29k SmolLM2 tokens),
 ``pydoc`` (all of pydoc_data.topics, about 110k tokens; the distillation recipes train on
-part of it), ``essays`` (all Paul Graham essays, about 150k tokens) or a text file.
+part of it), ``essays`` (all Paul Graham essays, about 150k tokens), ``stdlib`` (Python
+source files, never trained on; for windows past 29k tokens) or a text file.
 
 Per-window NLLs are saved under ``out_dir/nll/`` as they are computed, so a rerun (or adding a
 system) only computes what is missing. Outputs: ``ppl.json``, ``ppl.md``, ``ppl.png``.
@@ -31,7 +32,7 @@ from .common import check_run_settings, format_table
 from .systems import System, load_system, parse_spec, slug
 
 DEFAULT_EDGES = (0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-SOURCES = ("heldout", "pydoc", "essays")
+SOURCES = ("heldout", "pydoc", "essays", "stdlib")
 
 
 def bucket_edges(length: int, edges: Sequence[int] | None = None) -> list[tuple[int, int]]:
@@ -75,6 +76,8 @@ def load_text(source: str = "heldout", text_file: str | Path | None = None) -> s
         return corpus.long_document()
     if source == "essays":
         return "\n\n".join(d.text for d in corpus.essay_documents())
+    if source == "stdlib":
+        return corpus.stdlib_source()
     raise ValueError(f"unknown text source {source!r}; choose from {SOURCES} or give a text file")
 
 
