@@ -207,3 +207,25 @@ def test_attention_initialisation_copies_keys_values_and_group_mean_queries():
     assert torch.equal(memory.k_proj.weight, k)
     # 4 query heads, 2 key/value heads of 16: memory head 0 = mean of query heads 0 and 1
     torch.testing.assert_close(memory.q_proj.weight[:16], (q[:16] + q[16:32]) / 2)
+
+
+def test_flex_attention_backend_gives_the_same_model_outputs(monkeypatch):
+    """The GPU prefill path (FlexAttention, here eager on CPU) inside the model: a left-padded
+    batch, prefilled in two segments, equals the blocked CPU path."""
+    import warnings
+
+    model = converted(window=8, chunk=4)
+    x = ids(2, 30)
+    mask = torch.ones_like(x)
+    mask[1, :6] = 0
+    results = {}
+    for backend in ("blocked", "flex"):
+        monkeypatch.setenv("ALLMEM_SWA_BACKEND", backend)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cache = model.new_cache()
+            first = model(x[:, :17], attention_mask=mask[:, :17], cache=cache).logits
+            second = model(x[:, 17:], attention_mask=mask, cache=cache).logits
+        results[backend] = torch.cat([first, second], 1)
+    real = mask.bool()
+    torch.testing.assert_close(results["flex"][real], results["blocked"][real], rtol=1e-4, atol=1e-5)

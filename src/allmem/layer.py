@@ -17,7 +17,7 @@ from torch import nn
 from .baselines.mamba2 import Mamba2Memory, Mamba2State
 from .config import AllMemConfig
 from .memory import AllMemMemory, MemoryState
-from .ops.swa import swa_blocked, swa_dense
+from .ops.swa import swa_dense, swa_prefill
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ class AllMemAttention(nn.Module):
 
         if window_state is None:
             keys, values, key_pos = k, v, query_pos  # keys are the segment itself (P = 0)
-            out = swa_blocked(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+            out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
                               block=cfg.swa_block, **sink_args)
         elif length == 1:
             # decode: the ring in slot order plus the new key; positions do the masking
@@ -169,7 +169,7 @@ class AllMemAttention(nn.Module):
             keys = torch.cat([_gather_time(window_state.ring_k, order), k], dim=2)
             values = torch.cat([_gather_time(window_state.ring_v, order), v], dim=2)
             key_pos = torch.cat([window_state.ring_pos.gather(1, order), query_pos], dim=1)
-            out = swa_blocked(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+            out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
                               block=cfg.swa_block, **sink_args)
         out = out.reshape(batch, -1, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
         attn_out = self.attn.o_proj(out)

@@ -27,6 +27,16 @@ from .fast_weights import (
 )
 
 
+def set_compiled(enabled: bool = True) -> None:
+    """Run ``chunk_ttt``'s per-chunk read and write through ``torch.compile`` (on a GPU this
+    fuses the elementwise work between the matmuls), or back to eager with False."""
+    if enabled:
+        _STEP["read"] = torch.compile(swiglu_read, dynamic=False)
+        _STEP["update"] = torch.compile(ttt_update, dynamic=False)
+    else:
+        _STEP.update(read=swiglu_read, update=ttt_update)
+
+
 def ttt_update(
     state: TTTState,
     k: torch.Tensor,
@@ -62,6 +72,9 @@ def ttt_update(
         weights = FastWeights(*(torch.where(keep, new, old) for new, old in zip(weights, state.weights)))
         momentum = FastWeights(*(torch.where(keep, new, old) for new, old in zip(momentum, state.momentum)))
     return TTTState(weights, momentum)
+
+
+_STEP = {"read": swiglu_read, "update": ttt_update}
 
 
 def chunk_ttt(
@@ -106,7 +119,7 @@ def chunk_ttt(
     outputs = []
     for i in range(num_chunks):
         start, end = i * chunk_size, min(length, (i + 1) * chunk_size)
-        outputs.append(swiglu_read(q[:, start:end], state.weights))
+        outputs.append(_STEP["read"](q[:, start:end], state.weights))
         if update_mask is None:
             if end - start < chunk_size:
                 continue  # a partial last chunk is buffered, never written
@@ -117,7 +130,7 @@ def chunk_ttt(
                 continue
             if bool(apply.all()):
                 apply = None
-        state = ttt_update(
+        state = _STEP["update"](
             state, k[:, start:end], v[:, start:end], eta[:, start:end], beta[:, i], reference_norms,
             loss=loss, clip=clip, eps=eps, apply=apply,
         )
