@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/bench.py --quick     # 1k, 4k, 8k (a few minutes)
 
 Every (system, length) point runs in a fresh subprocess so peak resident memory belongs
-to that point alone. Systems: the base model with transformers SDPA attention and its
+to that point alone. Decode is the median over --decode-steps tokens after 4 warm-up
+tokens; the memory op's efficiency is the best of 5 interleaved rounds of op and matmul
+(the machine is shared: the best round is the least disturbed one). Systems: the base model with transformers SDPA attention and its
 standard cache ("full"), and the converted model ("allmem-W", 4 sinks, chunk 128, memory
 on). Per point: prefill wall time, decode ms/token (median over --decode-steps tokens after
 the prefill), cache bytes and peak RSS. Then the memory op's GFLOP/s against a plain
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WARMUP = 4  # decode tokens not timed
 
 
 def measure_point(system: str, length: int, decode_steps: int, threads: int) -> dict:
@@ -38,9 +41,9 @@ def measure_point(system: str, length: int, decode_steps: int, threads: int) -> 
     base, tok = allmem.load_base("smollm2")
     text = long_document()
     ids = tok(text, return_tensors="pt").input_ids
-    while ids.shape[1] < length + decode_steps:
+    while ids.shape[1] < length + WARMUP + decode_steps:
         ids = torch.cat([ids, ids], dim=1)
-    prompt, follow = ids[:, :length], ids[:, length : length + decode_steps]
+    prompt, follow = ids[:, :length], ids[:, length : length + WARMUP + decode_steps]
     times = []
     with torch.no_grad():
         if system == "full":
@@ -49,7 +52,7 @@ def measure_point(system: str, length: int, decode_steps: int, threads: int) -> 
             out = model(prompt, use_cache=True, logits_to_keep=1)
             prefill = time.perf_counter() - t0
             cache = out.past_key_values
-            for t in range(decode_steps):
+            for t in range(WARMUP + decode_steps):
                 t0 = time.perf_counter()
                 out = model(follow[:, t : t + 1], past_key_values=cache, use_cache=True)
                 times.append(time.perf_counter() - t0)
@@ -67,13 +70,13 @@ def measure_point(system: str, length: int, decode_steps: int, threads: int) -> 
             for start in range(0, length, 4096):  # constant-memory ingestion
                 model(prompt[:, start : start + 4096], cache=cache, logits_to_keep=1)
             prefill = time.perf_counter() - t0
-            for t in range(decode_steps):
+            for t in range(WARMUP + decode_steps):
                 t0 = time.perf_counter()
                 model(follow[:, t : t + 1], cache=cache)
                 times.append(time.perf_counter() - t0)
             cache_bytes = cache.nbytes()
     return {
-        "system": system, "length": length, "prefill_s": prefill, "decode_ms": 1000 * statistics.median(times),
+        "system": system, "length": length, "prefill_s": prefill, "decode_ms": 1000 * statistics.median(times[WARMUP:]),
         "cache_bytes": cache_bytes, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -95,31 +98,73 @@ def memory_op_efficiency(threads: int) -> list[dict]:
         w0 = FastWeights(*(torch.randn(n, d, d, generator=g) / 8 for _ in range(3)))
         state = TTTState(w0, FastWeights(*(torch.zeros_like(w) for w in w0)))
         norms = row_norms(w0)
-        chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)  # warm-up
-        reps = 3
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)
-        op_s = (time.perf_counter() - t0) / reps
-        # matmul FLOPs per chunk: read 3 (C x d x d), update: forward on keys 3 + backward 5
-        flops = (length // chunk) * 11 * 2 * n * chunk * d * d
         a, b = torch.randn(n, chunk, d), torch.randn(n, d, d)
-        for _ in range(3):
-            torch.matmul(a, b)
-        count = max(1, int(2e8 // (2 * n * chunk * d * d)))
-        t0 = time.perf_counter()
-        for _ in range(count):
-            torch.matmul(a, b)
-        mm_s = (time.perf_counter() - t0) / count
-        mm_gflops = 2 * n * chunk * d * d / mm_s / 1e9
-        rows.append({"chunk": chunk, "op_gflops": flops / op_s / 1e9, "matmul_gflops": mm_gflops,
-                     "ratio": flops / op_s / 1e9 / mm_gflops})
+        # matmul FLOPs per chunk: read 3 (C x d x d); update: forward on the keys 3, backward 4
+        flops = (length // chunk) * 10 * 2 * n * chunk * d * d
+        matmuls = (length // chunk) * 10  # as many plain matmuls of one chunk's shape
+        op_times, mm_times = [], []
+        with torch.no_grad():
+            chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)  # warm-up
+            for _ in range(5):
+                t0 = time.perf_counter()
+                chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)
+                op_times.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for _ in range(matmuls):
+                    torch.matmul(a, b)
+                mm_times.append((time.perf_counter() - t0) / matmuls)
+        op_gflops = flops / min(op_times) / 1e9
+        mm_gflops = 2 * n * chunk * d * d / min(mm_times) / 1e9
+        rows.append({"chunk": chunk, "op_gflops": op_gflops, "matmul_gflops": mm_gflops, "ratio": op_gflops / mm_gflops})
     return rows
+
+
+def target_lines(points: list[dict], op_rows: list[dict]) -> list[str]:
+    """The issue's targets as ratios of this run's numbers (where both points exist)."""
+    at = {(p["system"], p["length"]): p for p in points if "error" not in p}
+    lines = ["Targets (ratios from this run):", ""]
+    longest = max((n for s, n in at if s == "full"), default=None)
+    for system in sorted({s for s, _ in at if s.startswith("allmem")}):
+        mine = {n: p for (s, n), p in at.items() if s == system}
+        if 1024 in mine and longest in mine:
+            r = mine[longest]["decode_ms"] / mine[1024]["decode_ms"]
+            lines.append(f"- {system} decode at {longest} / at 1024: {r:.2f} (target <= 1.15)")
+        if longest in mine:
+            full = at[("full", longest)]
+            lines.append(f"- full / {system} decode at {longest}: {full['decode_ms'] / mine[longest]['decode_ms']:.2f}x "
+                         "(target >= 3)")
+            lines.append(f"- full / {system} prefill at {longest}: {full['prefill_s'] / mine[longest]['prefill_s']:.2f}x "
+                         "(target >= 2)")
+            lines.append(f"- {system} cache / full KV cache at {longest}: "
+                         f"{100 * mine[longest]['cache_bytes'] / full['cache_bytes']:.1f} % (target <= 10 %)")
+        sizes = {n: p["cache_bytes"] for n, p in mine.items() if n >= 2048}
+        if len(sizes) > 1:
+            same = len(set(sizes.values())) == 1
+            lines.append(f"- {system} cache identical at {', '.join(map(str, sorted(sizes)))} tokens: {'yes' if same else 'NO'}")
+    for r in op_rows:
+        lines.append(f"- memory op / matmul GFLOP/s at chunk {r['chunk']}: {r['ratio']:.2f} (target >= 0.40)")
+    return lines
+
+
+def machine_description(threads: int) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        ram = f", {mem / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        ram = ""
+    return f"{cpu}, {os.cpu_count()} cores{ram}, torch {torch.__version__} with {threads} threads"
 
 
 def write_report(points: list[dict], op_rows: list[dict], out: Path, args) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}"
+    machine = machine_description(args.threads)
     lines = [f"Machine: {machine}; python {platform.python_version()}", "",
              "| system | tokens | prefill s | decode ms/token | cache MiB | peak RSS MiB |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -133,6 +178,7 @@ def write_report(points: list[dict], op_rows: list[dict], out: Path, args) -> st
               "| chunk | op GFLOP/s | matmul GFLOP/s | ratio |", "| ---: | ---: | ---: | ---: |"]
     for r in op_rows:
         lines.append(f"| {r['chunk']} | {r['op_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['ratio']:.2f} |")
+    lines += ["", *target_lines(points, op_rows)]
     text = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(text)
     (out / "bench.json").write_text(json.dumps({"machine": machine, "points": points, "memory_op": op_rows}, indent=1))
@@ -171,7 +217,7 @@ def main() -> int:
     parser.add_argument("--allmem-extra", type=int, nargs="*", default=[65536], help="lengths for AllMem only")
     parser.add_argument("--windows", type=int, nargs="*", default=[256, 1024])
     parser.add_argument("--full-max", type=int, default=32768, help="longest full-attention point")
-    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--point", nargs=2, metavar=("SYSTEM", "LENGTH"), help=argparse.SUPPRESS)

@@ -65,10 +65,11 @@ CASES = [  # (N = batch x heads, L, C)
 ]
 
 
+@pytest.mark.parametrize("expansion", [1, 2], ids=["e1-stacked", "e2"])
 @pytest.mark.parametrize("loss", ["mse", "dot"])
 @pytest.mark.parametrize("n,length,chunk", CASES, ids=[f"N{n}-L{l}-C{c}" for n, l, c in CASES])
-def test_chunked_equals_token_loop(n, length, chunk, loss):
-    d, expansion = 6, 2
+def test_chunked_equals_token_loop(n, length, chunk, loss, expansion):
+    d = 6
     q, k, v, eta, beta = make_inputs(n, length, d, chunk)
     w0 = random_weights(n, d, expansion, scale=1.5)
     norms = row_norms(w0)

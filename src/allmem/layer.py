@@ -187,9 +187,17 @@ class AllMemAttention(nn.Module):
             ring_k, ring_v = _gather_time(keys, idx), _gather_time(values, idx)
             ring_pos = torch.where(p >= 0, p, torch.full_like(p, -1))
         else:
+            # one new key per row at slot seen % W (a padding token's write is overwritten by
+            # the row's next real token, which has the same position, before anything reads it)
             write = (seg.seen % window).view(batch, 1)
-            hit = slot == write  # [B, W]
-            ring_k = torch.where(hit[:, None, :, None], k, window_state.ring_k)
-            ring_v = torch.where(hit[:, None, :, None], v, window_state.ring_v)
-            ring_pos = torch.where(hit, seg.seen[:, None], window_state.ring_pos)
+            index = write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, k.shape[-1])
+            position = seg.seen[:, None].to(window_state.ring_pos.dtype)
+            if torch.is_grad_enabled():
+                ring_k = window_state.ring_k.scatter(2, index, k)
+                ring_v = window_state.ring_v.scatter(2, index, v)
+                ring_pos = window_state.ring_pos.scatter(1, write, position)
+            else:  # inference: the cache owns its ring, so write in place (O(1) per token, not O(W))
+                ring_k = window_state.ring_k.scatter_(2, index, k.to(window_state.ring_k.dtype))
+                ring_v = window_state.ring_v.scatter_(2, index, v.to(window_state.ring_v.dtype))
+                ring_pos = window_state.ring_pos.scatter_(1, write, position)
         return attn_out, WindowState(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)

@@ -81,7 +81,9 @@ def _write_slot(buffer: torch.Tensor, new: torch.Tensor, slot: torch.Tensor) -> 
     index = slot.view(-1, 1, 1).expand(buffer.shape[0], buffer.shape[1], 1)
     if buffer.dim() == 4:
         index = index.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
-    return buffer.scatter(2, index, new.to(buffer.dtype))
+    if torch.is_grad_enabled():
+        return buffer.scatter(2, index, new.to(buffer.dtype))
+    return buffer.scatter_(2, index, new.to(buffer.dtype))  # inference: the cache owns its buffers
 
 
 def _inverse_softplus(y: float) -> float:
@@ -211,10 +213,14 @@ class AllMemMemory(nn.Module):
         if kernel == 1:
             return inputs * self.conv_weight[:, 0], conv_state
         full = torch.cat([conv_state.to(inputs.dtype), inputs], dim=1)  # [B, K-1+T, ch]
-        out = F.conv1d(full.transpose(1, 2), self.conv_weight.unsqueeze(1).to(inputs.dtype), groups=full.shape[-1])
+        if inputs.shape[1] == 1:  # decode: one weighted sum instead of a convolution call
+            out = (full * self.conv_weight.mT.to(inputs.dtype)).sum(1, keepdim=True)
+        else:
+            out = F.conv1d(full.transpose(1, 2), self.conv_weight.unsqueeze(1).to(inputs.dtype),
+                           groups=full.shape[-1]).transpose(1, 2)
         idx = seq_lens[:, None] + torch.arange(kernel - 1, device=inputs.device)[None]  # [B, K-1]
         new_state = full.gather(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
-        return out.transpose(1, 2), new_state
+        return out, new_state
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *t.shape[2:])  # [B, H, ...] -> [B*H, ...]

@@ -16,6 +16,7 @@ a partial last chunk is buffered and how padding rows are kept out of the memory
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .fast_weights import (
     FastWeights,
@@ -77,6 +78,41 @@ def ttt_update(
 _STEP = {"read": swiglu_read, "update": ttt_update}
 
 
+def _stacked_read(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """swiglu_read with the three matrices stacked in ``w`` [3, N, d, d] (expansion 1)."""
+    width = w.shape[2]
+    pre = z @ torch.cat([w[0], w[2]], dim=1).mT  # [N, T, 2F]: W1 z and W3 z in one matmul
+    hidden = F.silu(pre[..., :width]) * pre[..., width:]
+    return torch.baddbmm(z, hidden, w[1].mT)
+
+
+def _stacked_update(w, m, k, out_base, eta, beta, n0, *, loss, clip, eps, apply):
+    """ttt_update on stacked matrices (w, m, n0: [3, N, d, d] or [3, N, d, 1]): every
+    normalise / clip / momentum step is one op for all three matrices, and the loss
+    gradient folds its additions into fused matmuls. ``out_base`` is k - v (mse) or -v (dot)."""
+    width = w.shape[2]
+    w_n = w / (w.norm(dim=-1, keepdim=True) + eps) * n0
+    pre = k @ torch.cat([w_n[0], w_n[2]], dim=1).mT  # [N, C, 2F]
+    pre_gate, pre_up = pre[..., :width], pre[..., width:]
+    gate_sig = torch.sigmoid(pre_gate)
+    gate = pre_gate * gate_sig
+    hidden = gate * pre_up
+    out_grad = torch.baddbmm(out_base, hidden, w_n[1].mT) if loss == "mse" else out_base
+    out_grad = out_grad * eta.unsqueeze(-1)
+    grad_hidden = out_grad @ w_n[1]
+    silu_prime = torch.addcmul(gate, gate_sig, 1 - gate)  # sigma + x sigma (1 - sigma)
+    grads = torch.stack([(grad_hidden * pre_up * silu_prime).mT @ k, out_grad.mT @ hidden, (grad_hidden * gate).mT @ k])
+    if clip is not None:
+        norms = grads.flatten(2).norm(dim=2).clamp_min(1e-12)  # [3, N]
+        grads = grads * (clip / norms).clamp(max=1.0)[..., None, None]
+    new_m = torch.addcmul(grads, beta[None, :, None, None], m)
+    new_w = w_n - new_m
+    if apply is not None:
+        keep = apply[None, :, None, None]
+        new_w, new_m = torch.where(keep, new_w, w), torch.where(keep, new_m, m)
+    return new_w, new_m
+
+
 def chunk_ttt(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,6 +151,10 @@ def chunk_ttt(
     if update_mask is not None and update_mask.shape != (n, num_chunks):
         raise ValueError(f"update_mask must have shape {(n, num_chunks)}, got {tuple(update_mask.shape)}")
 
+    shapes = {tuple(w.shape) for w in (*initial_state.weights, *initial_state.momentum)}
+    if len(shapes) == 1 and _STEP["update"] is ttt_update:
+        return _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chunk_size, loss, clip, eps,
+                                   update_mask)
     state = initial_state
     outputs = []
     for i in range(num_chunks):
@@ -135,3 +175,31 @@ def chunk_ttt(
             loss=loss, clip=clip, eps=eps, apply=apply,
         )
     return torch.cat(outputs, dim=1), state
+
+
+def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chunk_size, loss, clip, eps, update_mask):
+    """chunk_ttt's loop for expansion 1 (all matrices d x d), on stacked matrices."""
+    if loss not in ("mse", "dot"):
+        raise ValueError(f"unknown inner loss {loss!r}; choose one of ('mse', 'dot')")
+    length = q.shape[1]
+    w = torch.stack(initial_state.weights)
+    m = torch.stack(initial_state.momentum)
+    n0 = torch.stack([r.expand_as(reference_norms[0]) for r in reference_norms]).expand(3, q.shape[0], -1, -1)
+    out_base = k - v if loss == "mse" else -v  # once for the whole sequence
+    outputs = []
+    for i in range(-(-length // chunk_size)):
+        start, end = i * chunk_size, min(length, (i + 1) * chunk_size)
+        outputs.append(_stacked_read(q[:, start:end], w))
+        if update_mask is None:
+            if end - start < chunk_size:
+                continue
+            apply = None
+        else:
+            apply = update_mask[:, i]
+            if not bool(apply.any()):
+                continue
+            if bool(apply.all()):
+                apply = None
+        w, m = _stacked_update(w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end], beta[:, i], n0,
+                               loss=loss, clip=clip, eps=eps, apply=apply)
+    return torch.cat(outputs, dim=1), TTTState(FastWeights(*w.unbind(0)), FastWeights(*m.unbind(0)))
