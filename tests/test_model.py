@@ -2,6 +2,7 @@
 sink+window mask through the original model, token-by-token decoding, single rows."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -229,3 +230,14 @@ def test_flex_attention_backend_gives_the_same_model_outputs(monkeypatch):
         results[backend] = torch.cat([first, second], 1)
     real = mask.bool()
     torch.testing.assert_close(results["flex"][real], results["blocked"][real], rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_saved_in_bfloat16_loads_into_a_float32_model(tmp_path):
+    model = randomise_memory(converted(window=8, chunk=4))
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    meta = json.loads((tmp_path / "bf16" / "allmem_config.json").read_text())
+    assert meta["dtype"] == "bfloat16"
+    rebuilt = allmem.from_pretrained(tmp_path / "bf16", base=tiny_base("qwen3"))
+    for name, p in rebuilt.memory_parameters().items():
+        assert p.dtype == torch.float32
+        assert torch.equal(p, model.memory_parameters()[name].detach().to(torch.bfloat16).float()), name

@@ -247,13 +247,15 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"the cache holds {cache.batch_size} sequences but the input has {batch}")
 
     # ------------------------------------------------------------ save/load
-    def save_pretrained(self, save_directory: str | os.PathLike, **_ignored: Any) -> None:
-        """Write the adapter (memory parameters + config naming the base), atomically."""
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        **_ignored: Any) -> None:
+        """Write the adapter (memory parameters + config naming the base), atomically;
+        ``dtype`` (e.g. torch.bfloat16 to ship it at half size) casts the saved weights."""
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
-            tensors = {n: p.detach().contiguous().cpu() for n, p in self.memory_parameters().items()}
+            tensors = {n: p.detach().to(dtype or p.dtype).contiguous().cpu() for n, p in self.memory_parameters().items()}
             save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})
             meta = {
                 "format": ADAPTER_FORMAT,

