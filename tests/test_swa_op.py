@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from allmem.ops.swa import swa_blocked, swa_dense
+from allmem.ops.swa import swa_blocked, swa_dense, swa_flex
 
 
 def loop_reference(q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos, window, scale):
@@ -65,6 +65,8 @@ def test_blocked_and_dense_match_loop(case):
     expected = loop_reference(q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos, window, 0.3)
     torch.testing.assert_close(swa_blocked(q, k, v, key_pos, query_pos, block=block, **kw), expected)
     torch.testing.assert_close(swa_dense(q, k, v, key_pos, query_pos, **kw), expected)
+    # the GPU path (FlexAttention with widened q/k for rolling sinks), run eagerly on CPU
+    torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), expected)
 
 
 def test_rows_with_different_histories():
@@ -74,6 +76,7 @@ def test_rows_with_different_histories():
     kw = dict(window=6, scale=0.5, q_sink=q_sink, k_sink=k_sink, v_sink=v_sink, sink_pos=sink_pos)
     expected = loop_reference(*args, 6, 0.5)
     torch.testing.assert_close(swa_blocked(q, k, v, key_pos, query_pos, block=4, **kw), expected)
+    torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), expected)
 
 
 def test_memory_chunks_over_blocks(monkeypatch):
@@ -85,27 +88,6 @@ def test_memory_chunks_over_blocks(monkeypatch):
     whole = swa_blocked(q, k, v, key_pos, query_pos, **kw)
     monkeypatch.setattr(blocked, "_MAX_SCORE_ELEMENTS", 200)
     torch.testing.assert_close(swa_blocked(q, k, v, key_pos, query_pos, **kw), whole)
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-G{}-P{}-T{}-S{}-W{}-blk{}".format(*c))
-def test_flex_attention_path_matches_loop(case):
-    """The GPU path (FlexAttention, widened q/k for rolling sinks), run eagerly on CPU."""
-    from allmem.ops.swa import swa_flex
-
-    batch, heads, groups, past, length, sinks, window, _ = case
-    q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos = make(batch, heads, groups, past, length, sinks)
-    kw = dict(window=window, scale=0.3, q_sink=q_sink, k_sink=k_sink, v_sink=v_sink, sink_pos=sink_pos)
-    expected = loop_reference(q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos, window, 0.3)
-    torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), expected)
-
-
-def test_flex_attention_rows_with_different_histories():
-    from allmem.ops.swa import swa_flex
-
-    args = make(3, 2, 2, past=6, length=7, sinks=3, seen=[0, 2, 40])
-    q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos = args
-    kw = dict(window=6, scale=0.5, q_sink=q_sink, k_sink=k_sink, v_sink=v_sink, sink_pos=sink_pos)
-    torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), loop_reference(*args, 6, 0.5))
 
 
 def test_backend_choice(monkeypatch):

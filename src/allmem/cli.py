@@ -43,6 +43,11 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-lr", type=float, default=0.1, help="initial inner learning rate eta (default 0.1)")
 
 
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=default_model(),
+                   help=f"adapter (directory or shipped name) or base model (default {default_model()})")
+
+
 def _allmem_config(args):
     from .config import AllMemConfig
 
@@ -294,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="ingest a prompt of any length chunk by chunk, then stream a continuation",
                        description="Generate from an AllMem adapter directory or a base model converted on the fly.")
-    p.add_argument("--model", default=DEFAULT_BASE, help="adapter directory or base model (default smollm2)")
+    _add_model_arg(p)
     p.add_argument("--prompt-file", required=True, help="text file with the prompt, or - for standard input")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -313,8 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "long document in constant memory and answer questions about it, then compare full "
                                    "attention, SWA + sinks and AllMem on perplexity by position and passkey retrieval. "
                                    "Writes report.md, report.json and PNG plots under --out; rerunning resumes.")
-    p.add_argument("--model", default=default_model(),
-                   help=f"adapter (directory or shipped name) or base model (default {default_model()})")
+    _add_model_arg(p)
     plan = p.add_mutually_exclusive_group()
     plan.add_argument("--quick", action="store_const", const="quick", dest="plan",
                       help="8k-token stream, 2 ppl windows, passkey at 1k/2k (a few minutes)")
@@ -329,8 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     def add_session_args(p, session_help, required=False):
-        p.add_argument("--model", default=default_model(),
-                       help=f"adapter (directory or shipped name) or base model (default {default_model()})")
+        _add_model_arg(p)
         p.add_argument("--session", required=required, help=session_help)
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate-data", help="offline on-policy data: let the student answer prompts",
                        description="Write JSONL chat samples whose responses the student generated.")
-    p.add_argument("--model", default=DEFAULT_BASE, help="adapter directory or base model")
+    _add_model_arg(p)
     p.add_argument("--prompts", help="JSONL of prompts (messages / conversations / prompt); default: built-in tasks")
     p.add_argument("--tasks", type=int, default=32, help="number of built-in task prompts when --prompts is not given")
     p.add_argument("--lengths", type=int, nargs=2, default=(1024, 2048), metavar=("MIN", "MAX"))

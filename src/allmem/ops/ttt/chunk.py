@@ -160,21 +160,25 @@ def chunk_ttt(
     for i in range(num_chunks):
         start, end = i * chunk_size, min(length, (i + 1) * chunk_size)
         outputs.append(_STEP["read"](q[:, start:end], state.weights))
-        if update_mask is None:
-            if end - start < chunk_size:
-                continue  # a partial last chunk is buffered, never written
-            apply = None
-        else:
-            apply = update_mask[:, i]
-            if not bool(apply.any()):
-                continue
-            if bool(apply.all()):
-                apply = None
+        writes, apply = _chunk_writes(update_mask, i, full=end - start == chunk_size)
+        if not writes:
+            continue
         state = _STEP["update"](
             state, k[:, start:end], v[:, start:end], eta[:, start:end], beta[:, i], reference_norms,
             loss=loss, clip=clip, eps=eps, apply=apply,
         )
     return torch.cat(outputs, dim=1), state
+
+
+def _chunk_writes(update_mask: torch.Tensor | None, i: int, full: bool) -> tuple[bool, torch.Tensor | None]:
+    """Whether chunk ``i`` writes at all, and the per-memory ``apply`` mask (None: all write).
+    Without a mask every full chunk writes and a partial last chunk is buffered."""
+    if update_mask is None:
+        return full, None
+    apply = update_mask[:, i]
+    if not bool(apply.any()):
+        return False, None
+    return True, None if bool(apply.all()) else apply
 
 
 def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chunk_size, loss, clip, eps, update_mask):
@@ -190,16 +194,9 @@ def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chun
     for i in range(-(-length // chunk_size)):
         start, end = i * chunk_size, min(length, (i + 1) * chunk_size)
         outputs.append(_stacked_read(q[:, start:end], w))
-        if update_mask is None:
-            if end - start < chunk_size:
-                continue
-            apply = None
-        else:
-            apply = update_mask[:, i]
-            if not bool(apply.any()):
-                continue
-            if bool(apply.all()):
-                apply = None
+        writes, apply = _chunk_writes(update_mask, i, full=end - start == chunk_size)
+        if not writes:
+            continue
         w, m = _stacked_update(w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end], beta[:, i], n0,
                                loss=loss, clip=clip, eps=eps, apply=apply)
     return torch.cat(outputs, dim=1), TTTState(FastWeights(*w.unbind(0)), FastWeights(*m.unbind(0)))
