@@ -1,6 +1,6 @@
 """Cost of AllMem against full attention on the real SmolLM2, measured in one run.
 
-    .venv/bin/python benchmarks/bench.py             # 1k ... 32k, AllMem also at 64k (tens of minutes)
+    .venv/bin/python benchmarks/bench.py             # 1k ... 32k, AllMem-256 also at 64k (about 30 min)
     .venv/bin/python benchmarks/bench.py --quick     # 1k, 4k, 8k (a few minutes)
 
 Every (system, length) point runs in a fresh subprocess so peak resident memory belongs
@@ -215,6 +215,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1k, 4k, 8k only")
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 8192, 16384, 32768])
     parser.add_argument("--allmem-extra", type=int, nargs="*", default=[65536], help="lengths for AllMem only")
+    parser.add_argument("--extra-windows", type=int, nargs="*", default=[256], help="windows run at --allmem-extra")
     parser.add_argument("--windows", type=int, nargs="*", default=[256, 1024])
     parser.add_argument("--full-max", type=int, default=32768, help="longest full-attention point")
     parser.add_argument("--decode-steps", type=int, default=32)
@@ -228,7 +229,8 @@ def main() -> int:
     if args.quick:
         args.lengths, args.allmem_extra = [1024, 4096, 8192], []
     plan = [("full", n) for n in args.lengths if n <= args.full_max]
-    plan += [(f"allmem-{w}", n) for w in args.windows for n in args.lengths + args.allmem_extra]
+    plan += [(f"allmem-{w}", n) for w in args.windows
+             for n in args.lengths + (args.allmem_extra if w in args.extra_windows else [])]
     points = []
     for system, length in plan:
         print(f"[bench] {system} @ {length} ...", flush=True)

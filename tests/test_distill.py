@@ -149,6 +149,10 @@ def test_only_memory_trains_and_resume_reproduces_the_uninterrupted_run(tiny_smo
     torch.testing.assert_close(torch.tensor(head + tail), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "b" / "adapter" / "adapter.safetensors").is_file()
     assert not list((tmp_path / "b" / "checkpoints").glob(".tmp-*"))
+    # the adapter records the recipe's window/sinks/chunk (48/.../16), not the last random draw
+    saved = json.loads((tmp_path / "b" / "adapter" / "allmem_config.json").read_text())["allmem"]
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path / "b").allmem_config()
+    assert (saved["window"], saved["sinks"], saved["chunk"]) == (recipe.window, recipe.sinks, recipe.chunk)
 
 
 def test_teacher_topk_cache_skips_the_teacher(tiny_smollm_dir, tmp_path):

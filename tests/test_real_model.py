@@ -44,3 +44,33 @@ def test_adapter_round_trip_and_decode_on_smollm2(tmp_path, smollm2_ids):
     assert rebuilt.base_name == "smollm2" and rebuilt.tokenizer is not None
     with torch.no_grad():
         assert torch.equal(rebuilt(x, use_cache=False).logits, expected)
+
+
+def test_the_shipped_adapter_loads_matches_its_checksum_and_helps_on_heldout_text():
+    """smollm2-allmem: the bf16 adapter in the package (<= 40 MB, SHA-256 as on its card),
+    loadable by name, and better than SWA + sinks beyond the window on text it never saw."""
+    import hashlib
+    import math
+
+    from allmem.eval.ppl import load_text
+    from allmem.modeling import SHIPPED_ADAPTERS
+
+    folder = SHIPPED_ADAPTERS["smollm2-allmem"]
+    weights = folder / "adapter.safetensors"
+    assert weights.stat().st_size <= 40e6
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (folder / "SHA256SUMS").read_text().split()[0] == digest
+    assert digest in (folder / "README.md").read_text()
+    assert (folder / "recipe.yaml").is_file()
+
+    model = allmem.from_pretrained("smollm2-allmem")
+    assert model.allmem_config.window == 256 and model.allmem_config.sinks == 4
+    ids = model.tokenizer(load_text("heldout"), return_tensors="pt").input_ids[:, 4096 : 4096 + 1024]
+    with torch.no_grad():
+        allmem_nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        with model.memory_disabled():
+            swa_nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    beyond = slice(511, None)  # positions 512..1023, outside the 256-token window
+    allmem_ppl, swa_ppl = math.exp(allmem_nll[beyond].mean()), math.exp(swa_nll[beyond].mean())
+    print(f"held-out positions 512-1023: AllMem {allmem_ppl:.3f}, SWA + sinks {swa_ppl:.3f}")
+    assert allmem_ppl < swa_ppl

@@ -242,13 +242,17 @@ class DistillTrainer:
         self.last_runtime = runtime
         return total
 
+    def _restore_runtime(self) -> None:
+        config = self.recipe.allmem_config()
+        self._unwrapped.set_runtime(window=config.window, sinks=config.sinks, chunk=config.chunk)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out KL and perplexities at the recipe's own window/sinks/chunk: the trained
         model, the same model with the memory switched off (SWA + sinks), the full-attention
         teacher. Tokens are the scored (response / all-text) tokens."""
         model = self._unwrapped
-        model.set_runtime(**{k: getattr(self.recipe.allmem_config(), k) for k in ("window", "sinks", "chunk")})
+        self._restore_runtime()
         model.eval()
         sums = {"kl": 0.0, "allmem_nll": 0.0, "swa_nll": 0.0, "full_nll": 0.0}
         tokens = 0
@@ -335,5 +339,6 @@ class DistillTrainer:
         if self.step >= t.steps:
             self.save()
             if self.accelerator.is_main_process:
+                self._restore_runtime()  # the adapter records the recipe's window/sinks/chunk, not the last draw
                 self._unwrapped.save_pretrained(self.out / "adapter")
         return results
