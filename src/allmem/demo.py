@@ -278,7 +278,7 @@ def render_report(report: dict, names: dict[str, str]) -> str:
              "## 1. Streaming a long document in constant memory\n", _stream_markdown(report["stream"]),
              "\n![memory while streaming](stream_memory.png)\n",
              f"## 2. Perplexity by position (held-out text, {report['settings']['ppl_length']}-token windows)\n",
-             format_table(report["ppl"], row_label="position"), ""]
+             format_table(report["ppl"], row_label="position"), "", "![perplexity by position](ppl/ppl.png)\n"]
     if report["ppl_beyond_512"]:
         closed = report["gap_closed_beyond_512"]
         lines.append("Positions 512 and later: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ppl_beyond_512"].items())
@@ -288,8 +288,8 @@ def render_report(report: dict, names: dict[str, str]) -> str:
         if key.startswith("ppl_") and key[4:].isdigit():
             table = {k: v for k, v in value.items() if k != "source"}
             lines += [f"### One {key[4:]}-token window ({value['source']} text), past the base model's 8k context\n",
-                      format_table(table, row_label="position"), ""]
-    lines += ["![perplexity by position](ppl/ppl.png)\n", "## 3. Passkey beyond the window (accuracy %)\n"]
+                      format_table(table, row_label="position"), "", f"![perplexity by position]({key}/ppl.png)\n"]
+    lines += ["## 3. Passkey beyond the window (accuracy %)\n"]
     columns = {name: {f"{task} @ {n}": v for task, row in s.items() for n, v in row.items()}
                for name, s in report["passkey"].items()}
     lines += [format_table(columns, row_label="task @ tokens"), "", "![passkey](passkey.png)", ""]
