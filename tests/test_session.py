@@ -54,14 +54,15 @@ def test_chat_session_resumed_in_another_process_continues_exactly(tiny_adapter,
     size_after_one_turn = path.stat().st_size
 
     # a later process continues the conversation from the file
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run(
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run(  # bytes, not text: a generated "\r" must not become "\n"
         [sys.executable, "-m", "allmem.cli", "chat", "--model", str(tiny_adapter), "--session", str(path),
          "--max-new-tokens", "6"],
-        input="\n".join(questions[1:]) + "\n", capture_output=True, text=True, env=env, timeout=600, check=True,
+        input=("\n".join(questions[1:]) + "\n").encode(), capture_output=True, env=env, timeout=600, check=True,
     )
-    assert "resumed" in out.stderr and "1 turns" in out.stderr
-    assert out.stdout == "".join(f"you> {q}\nallmem> {r}\n" for q, r in zip(questions[1:], replies[1:]))
+    assert "resumed" in out.stderr.decode() and "1 turns" in out.stderr.decode()
+    expected = "".join(f"you> {q}\nallmem> {r}\n" for q, r in zip(questions[1:], replies[1:]))
+    assert out.stdout.decode("utf-8") == expected
 
     resumed = Session.load(path, model, tok)
     assert resumed.turns == 3 and resumed.tokens_read == reference.tokens_read
