@@ -20,14 +20,17 @@ from allmem.baselines.mamba2 import (
     ttt_memory_param_count,
 )
 from allmem.baselines.mamba2_naive import naive_mamba2_forward, ssd_naive
-from tiny_models import randomise_memory, tiny_base
+from tiny_models import (
+    assert_left_padded_batch_equals_each_row_alone,
+    assert_saved_cache_continues_exactly,
+    assert_segments_equal_one_prefill,
+    ids,
+    randomise_memory,
+    tiny_base,
+)
 
-VOCAB = 128
 F64 = torch.float64
 
-
-def ids(batch, length, seed=0):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def scan_inputs(batch, length, heads=3, head_dim=4, state=5, seed=0, skip=()):
@@ -176,40 +179,11 @@ def test_prefill_equals_token_by_token_decoding(chunk, conv):
 
 @pytest.mark.parametrize("split", [[1, 12, 16], [7, 7, 7, 8], [20, 9]])
 def test_segments_of_any_size_equal_one_prefill(split):
-    model = converted()
-    x = ids(2, sum(split))
-    with torch.no_grad():
-        whole = model(x, use_cache=False).logits
-        cache, outs, start = model.new_cache(), [], 0
-        for n in split:
-            outs.append(model(x[:, start : start + n], cache=cache).logits)
-            start += n
-    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-4, atol=1e-5)
+    assert_segments_equal_one_prefill(converted(), split)
 
 
 def test_left_padded_batch_equals_each_row_alone():
-    model = converted()
-    lengths = [19, 11, 4]
-    rows = [ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
-    width = max(lengths)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        batch[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    with torch.no_grad():
-        cache = model.new_cache()
-        out = model(batch, attention_mask=mask, cache=cache).logits
-        extra = ids(len(rows), 6, seed=7)
-        dec = []
-        for t in range(6):
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
-            dec.append(model(extra[:, t : t + 1], attention_mask=mask, cache=cache).logits)
-        dec = torch.cat(dec, 1)
-        for i, r in enumerate(rows):
-            alone = model(torch.cat([r, extra[i]])[None], use_cache=False).logits[0]
-            torch.testing.assert_close(out[i, width - len(r) :], alone[: len(r)], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(dec[i], alone[len(r) :], rtol=1e-4, atol=1e-5)
+    assert_left_padded_batch_equals_each_row_alone(converted(), [19, 11, 4], 6)
 
 
 def test_cache_size_is_constant():
@@ -227,18 +201,8 @@ def test_cache_size_is_constant():
 
 
 def test_saved_cache_continues_a_stream_exactly(tmp_path):
-    model = converted()
-    x = ids(2, 26)
-    with torch.no_grad():
-        cache = model.new_cache()
-        model(x[:, :17], cache=cache)
-        path = tmp_path / "state.safetensors"
-        cache.save(path)
-        expected = model(x[:, 17:], cache=cache).logits
-        restored = allmem.AllMemCache.load(path)
-        assert all(isinstance(layer.memory, Mamba2State) for layer in restored.layers)
-        got = model(x[:, 17:], cache=restored).logits
-    assert torch.equal(got, expected)
+    restored = assert_saved_cache_continues_exactly(converted(), 26, tmp_path / "state.safetensors")
+    assert all(isinstance(layer.memory, Mamba2State) for layer in restored.layers)
 
 
 def test_only_the_mamba_parameters_and_alpha_train(tmp_path):

@@ -8,13 +8,16 @@ import pytest
 import torch
 
 import allmem
-from tiny_models import TINY_FAMILIES, randomise_memory, tiny_base
+from tiny_models import (
+    TINY_FAMILIES,
+    assert_left_padded_batch_equals_each_row_alone,
+    assert_saved_cache_continues_exactly,
+    assert_segments_equal_one_prefill,
+    ids,
+    randomise_memory,
+    tiny_base,
+)
 
-VOCAB = 128
-
-
-def ids(batch, length, seed=0):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
@@ -83,41 +86,12 @@ def test_prefill_equals_token_by_token_decoding(chunk, window, conv):
 
 @pytest.mark.parametrize("split", [[1, 12, 16], [7, 7, 7, 8], [20, 9]])
 def test_segments_of_any_size_equal_one_prefill(split):
-    model = converted(window=8, chunk=4)
-    x = ids(2, sum(split))
-    with torch.no_grad():
-        whole = model(x, use_cache=False).logits
-        cache, outs, start = model.new_cache(), [], 0
-        for n in split:
-            outs.append(model(x[:, start : start + n], cache=cache).logits)
-            start += n
-    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-4, atol=1e-5)
+    assert_segments_equal_one_prefill(converted(window=8, chunk=4), split)
 
 
 def test_left_padded_batch_equals_each_row_alone():
-    model = converted(window=8, chunk=4)
-    lengths = [23, 14, 5]
-    rows = [ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
-    width = max(lengths)
-    batch = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        batch[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    with torch.no_grad():
-        cache = model.new_cache()
-        out = model(batch, attention_mask=mask, cache=cache).logits
-        # continue decoding 9 tokens (crossing chunk boundaries at different steps per row)
-        extra = ids(len(rows), 9, seed=7)
-        dec = []
-        for t in range(9):
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
-            dec.append(model(extra[:, t : t + 1], attention_mask=mask, cache=cache).logits)
-        dec = torch.cat(dec, 1)
-        for i, r in enumerate(rows):
-            alone = model(torch.cat([r, extra[i]])[None], use_cache=False).logits[0]
-            torch.testing.assert_close(out[i, width - len(r) :], alone[: len(r)], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(dec[i], alone[len(r) :], rtol=1e-4, atol=1e-5)
+    # decoding crosses chunk boundaries at different steps per row
+    assert_left_padded_batch_equals_each_row_alone(converted(window=8, chunk=4), [23, 14, 5], 9)
 
 
 def test_generate_greedy_left_padded_matches_single_rows_and_sampling_runs():
@@ -157,17 +131,7 @@ def test_cache_size_is_constant():
 
 
 def test_saved_cache_continues_a_stream_exactly(tmp_path):
-    model = converted(window=8, chunk=4)
-    x = ids(2, 30)
-    with torch.no_grad():
-        cache = model.new_cache()
-        model(x[:, :17], cache=cache)
-        path = tmp_path / "state.safetensors"
-        cache.save(path)
-        expected = model(x[:, 17:], cache=cache).logits
-        restored = allmem.AllMemCache.load(path)
-        got = model(x[:, 17:], cache=restored).logits
-    assert torch.equal(got, expected)
+    assert_saved_cache_continues_exactly(converted(window=8, chunk=4), 30, tmp_path / "state.safetensors")
     assert not list(tmp_path.glob("*.tmp"))
 
 

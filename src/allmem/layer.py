@@ -16,7 +16,7 @@ from torch import nn
 
 from .baselines.mamba2 import Mamba2Memory, Mamba2State
 from .config import AllMemConfig
-from .memory import AllMemMemory, MemoryState
+from .memory import AllMemMemory, MemoryState, scatter_state
 from .ops.swa import swa_dense, swa_prefill
 
 
@@ -191,13 +191,8 @@ class AllMemAttention(nn.Module):
             # the row's next real token, which has the same position, before anything reads it)
             write = (seg.seen % window).view(batch, 1)
             index = write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, k.shape[-1])
-            position = seg.seen[:, None].to(window_state.ring_pos.dtype)
-            if torch.is_grad_enabled():
-                ring_k = window_state.ring_k.scatter(2, index, k)
-                ring_v = window_state.ring_v.scatter(2, index, v)
-                ring_pos = window_state.ring_pos.scatter(1, write, position)
-            else:  # inference: the cache owns its ring, so write in place (O(1) per token, not O(W))
-                ring_k = window_state.ring_k.scatter_(2, index, k.to(window_state.ring_k.dtype))
-                ring_v = window_state.ring_v.scatter_(2, index, v.to(window_state.ring_v.dtype))
-                ring_pos = window_state.ring_pos.scatter_(1, write, position)
+            position = seg.seen[:, None]
+            ring_k = scatter_state(window_state.ring_k, 2, index, k)
+            ring_v = scatter_state(window_state.ring_v, 2, index, v)
+            ring_pos = scatter_state(window_state.ring_pos, 1, write, position)
         return attn_out, WindowState(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)

@@ -81,9 +81,14 @@ def _write_slot(buffer: torch.Tensor, new: torch.Tensor, slot: torch.Tensor) -> 
     index = slot.view(-1, 1, 1).expand(buffer.shape[0], buffer.shape[1], 1)
     if buffer.dim() == 4:
         index = index.unsqueeze(-1).expand(-1, -1, -1, buffer.shape[-1])
-    if torch.is_grad_enabled():
-        return buffer.scatter(2, index, new.to(buffer.dtype))
-    return buffer.scatter_(2, index, new.to(buffer.dtype))  # inference: the cache owns its buffers
+    return scatter_state(buffer, 2, index, new)
+
+
+def scatter_state(state: torch.Tensor, dim: int, index: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``state.scatter(dim, index, new)``; in place when autograd is off (inference: the
+    cache owns its tensors, so a one-token write costs O(1) instead of a copy of the state)."""
+    new = new.to(state.dtype)
+    return state.scatter(dim, index, new) if torch.is_grad_enabled() else state.scatter_(dim, index, new)
 
 
 def _inverse_softplus(y: float) -> float:
