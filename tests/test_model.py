@@ -174,6 +174,35 @@ def test_attention_initialisation_copies_keys_values_and_group_mean_queries():
     torch.testing.assert_close(memory.q_proj.weight[:16], (q[:16] + q[16:32]) / 2)
 
 
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+@pytest.mark.parametrize("base_lr,momentum", [(0.1, 0.5), (0.5, 0.9)])
+def test_convert_keeps_the_memory_initialisation_of_the_spec(family, base_lr, momentum):
+    """Regression: transformers' post_init re-initialised the new memory with the base
+    family's _init_weights (eta bias 0 -> inner lr ~0.69 with token noise). After convert,
+    every token's eta is base_lr and every chunk's beta is momentum_init."""
+    model = allmem.convert(tiny_base(family), allmem.AllMemConfig(init="random", base_lr=base_lr, momentum_init=momentum))
+    x = torch.randn(3, 7, model.config.hidden_size)
+    for i, layer in enumerate(model.model.layers):
+        wrapper = layer.self_attn
+        memory = wrapper.memory
+        assert torch.count_nonzero(wrapper.alpha) == 0, i
+        for head, target in ((memory.eta_proj, base_lr), (memory.beta_proj, momentum)):
+            assert torch.count_nonzero(head.weight) == 0, (i, head)
+        eta = torch.nn.functional.softplus(memory.eta_proj(x))
+        beta = torch.sigmoid(memory.beta_proj(x.mean(1)))
+        torch.testing.assert_close(eta, torch.full_like(eta, base_lr))
+        torch.testing.assert_close(beta, torch.full_like(beta, momentum))
+        identity = torch.zeros_like(memory.conv_weight)
+        identity[:, -1] = 1
+        assert torch.equal(memory.conv_weight, identity), i
+        for norm in (memory.q_norm, memory.k_norm, memory.out_norm):
+            assert torch.equal(norm.weight, torch.ones_like(norm.weight)), i
+        # spec 1.2: W1, W3 ~ N(0, 1/d_h), W2 ~ N(0, 1/(e d_h)) * 0.1
+        d = memory.head_dim
+        assert abs(memory.w1_init.std().item() * d**0.5 - 1) < 0.2, i
+        assert abs(memory.w2_init.std().item() * d**0.5 * 10 - 1) < 0.2, i
+
+
 def test_flex_attention_backend_gives_the_same_model_outputs(monkeypatch):
     """The GPU prefill path (FlexAttention, here eager on CPU) inside the model: a left-padded
     batch, prefilled in two segments, equals the blocked CPU path."""

@@ -27,6 +27,19 @@ def test_alpha_zero_huge_window_reproduces_smollm2(smollm2_ids):
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+def test_convert_of_smollm2_keeps_eta_at_base_lr_and_beta_at_momentum_init():
+    """Regression on the real model: Llama's _init_weights ran over the new memory in post_init."""
+    base, _ = allmem.load_base("smollm2")
+    model = allmem.convert(base, allmem.AllMemConfig())
+    x = torch.randn(2, 5, model.config.hidden_size)
+    for layer in model.model.layers:
+        memory = layer.self_attn.memory
+        eta = torch.nn.functional.softplus(memory.eta_proj(x))
+        beta = torch.sigmoid(memory.beta_proj(x))
+        torch.testing.assert_close(eta, torch.full_like(eta, 0.1))
+        torch.testing.assert_close(beta, torch.full_like(beta, 0.5))
+
+
 def test_adapter_round_trip_and_decode_on_smollm2(tmp_path, smollm2_ids):
     base, _ = allmem.load_base("smollm2")
     model = allmem.convert(base, allmem.AllMemConfig(window=64, sinks=4, chunk=32))

@@ -99,6 +99,11 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         text = base.config.get_text_config()
         for layer in self.model.layers:
             layer.self_attn = AllMemAttention(layer.self_attn, text.hidden_size, text.num_key_value_heads, allmem_config)
+            # post_init re-initialises every unflagged module under base.model with the *base
+            # family's* _init_weights (smart_apply recurses into it): the memory's spec init
+            # (eta at base_lr, beta at momentum_init, zero control weights) must survive it
+            for item in (*layer.self_attn.modules(), *layer.self_attn.parameters()):
+                item._is_hf_initialized = True
         self.post_init()
 
     def _init_weights(self, module):  # every new module initialises itself on construction
