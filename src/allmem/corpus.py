@@ -57,15 +57,37 @@ def essay_documents() -> tuple[Document, ...]:
     return tuple(Document(f"essay/{f.stem}", f.read_text(encoding="utf-8", errors="replace").strip(), "essays") for f in files)
 
 
+@lru_cache(maxsize=1)
+def code_documents() -> tuple[Document, ...]:
+    """Python standard-library modules (source with docstrings: code-heavy technical text),
+    except the ones ``stdlib_source`` keeps for evaluation. Top-level modules of 8-200 KB,
+    sorted by name, so the set depends only on the Python version."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.glob("*.py")):
+        if path.stem in STDLIB_MODULES or path.stem.startswith("_") or not 8_000 <= path.stat().st_size <= 200_000:
+            continue
+        out.append(Document(f"code/{path.stem}", path.read_text(encoding="utf-8", errors="replace"), "code"))
+    return tuple(out)
+
+
+TEXT_SOURCES = ("pydoc", "essays", "code")
+_SOURCE_READERS = {"pydoc": pydoc_documents, "essays": essay_documents, "code": code_documents}
+
+
 def documents(split: str = "train", sources: tuple[str, ...] = ("pydoc", "essays")) -> list[Document]:
-    """Documents of one split ("train" or "heldout")."""
+    """Documents of one split ("train" or "heldout") from the named sources (TEXT_SOURCES)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    unknown = sorted(set(sources) - set(TEXT_SOURCES))
+    if unknown:
+        raise ValueError(f"unknown text sources {unknown}; choose from {TEXT_SOURCES}")
     pool: list[Document] = []
-    if "pydoc" in sources:
-        pool += pydoc_documents()
-    if "essays" in sources:
-        pool += essay_documents()
+    for name in TEXT_SOURCES:
+        if name in sources:
+            pool += _SOURCE_READERS[name]()
     return [d for d in pool if d.heldout == (split == "heldout")]
 
 

@@ -17,6 +17,35 @@ from functools import lru_cache
 from .corpus import NOISE_SENTENCE, Document, documents
 
 TASKS = ("passkey", "niah_multikey", "variable_tracking", "next_sentence")
+# exact-recall tasks added for teaching the memory to write and read (answers are short and
+# known, so a CE term on them is a direct signal where the full-attention teacher is weak)
+RECALL_TASKS = ("kv_retrieval", "niah_multivalue", "fact_recall")
+TRAIN_TASKS = TASKS + RECALL_TASKS
+
+# fact_recall: (fact, question, answer) templates over word lists that avoid the demo's
+# planted facts (the captain's dog, the meeting with Alice, the archive's passkey), which stay unseen
+_FACT_OWNERS = ("baker", "pilot", "gardener", "librarian", "painter", "fisherman", "teacher", "doctor",
+                "farmer", "sailor", "tailor", "miner", "poet", "judge", "nurse", "butcher")
+_FACT_PETS = ("cat", "horse", "parrot", "goat", "rabbit", "hamster", "donkey", "turtle")
+_FACT_NAMES = ("Pepper", "Mango", "Rusty", "Clover", "Juniper", "Pickle", "Nugget", "Waffle", "Tofu", "Ziggy",
+               "Marble", "Basil", "Sprout", "Cinder", "Domino", "Maple", "Olive", "Pretzel", "Quincy", "Sable")
+_FACT_PEOPLE = ("Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ingrid", "Jonas", "Keiko",
+                "Lorenzo", "Mirela", "Nadia", "Oskar", "Priya", "Rafael", "Sofia", "Tomas")
+_FACT_COLOURS = ("crimson", "teal", "amber", "violet", "indigo", "olive", "coral", "ivory", "maroon", "turquoise")
+
+
+def _fact(rng: random.Random) -> tuple[str, str, str]:
+    kind = rng.randrange(3)
+    if kind == 0:
+        owner, pet, name = rng.choice(_FACT_OWNERS), rng.choice(_FACT_PETS), rng.choice(_FACT_NAMES)
+        return (f"The name of the {owner}'s {pet} is {name}.", f"What is the name of the {owner}'s {pet}?", name)
+    if kind == 1:
+        person, room = rng.choice(_FACT_PEOPLE), str(rng.randint(100, 999))
+        return (f"Note that the interview with {person} takes place in room {room}.",
+                f"In which room does the interview with {person} take place?", room)
+    person, colour = rng.choice(_FACT_PEOPLE), rng.choice(_FACT_COLOURS)
+    return (f"{person} painted the garden fence {colour} last summer.",
+            f"Which colour did {person} paint the garden fence?", colour)
 
 
 @dataclass
@@ -100,8 +129,8 @@ def make_example(task: str, tokenizer, length: int, rng: random.Random, *, depth
     haystack: "noise" (the repeated noise sentence), "essays" (real text of the split) or
     "auto" (noise for passkey, real text otherwise).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if task not in TRAIN_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TRAIN_TASKS}")
     depth = rng.uniform(0.0, 0.6) if depth is None else depth
     use_noise = haystack == "noise" or (haystack == "auto" and task == "passkey")
     docs = None if use_noise else documents(split)
@@ -136,6 +165,36 @@ def make_example(task: str, tokenizer, length: int, rng: random.Random, *, depth
         budget = _needle_budget(tokenizer, length, question, *chain)
         context = hay.fill(budget, placed)
         return TaskExample(task, context, question, " " + ", ".join(names) + ".", {"depth": depth, "key": value})
+
+    if task == "kv_retrieval":
+        # a long list of key: value lines (the whole context), one key asked (LongEval / MQAR in text)
+        lines, used = [], _needle_budget(tokenizer, length, intro)
+        words = _nouns()
+        while used > 0:
+            key = f"{rng.choice(words)}-{rng.choice(words)}"
+            lines.append((key, str(rng.randint(100000, 999999))))
+            used -= 14
+        target = rng.randrange(max(1, int(len(lines) * 0.6)))
+        question_key, value = lines[target]
+        lines = [(k, v) for i, (k, v) in enumerate(lines) if i == target or k != question_key]
+        context = "Here is a list of keys and their values.\n" + "\n".join(f"{k}: {v}" for k, v in lines)
+        question = f"What is the value of the key {question_key}? The value of {question_key} is"
+        return TaskExample(task, context, question, f" {value}.", {"depth": target / max(1, len(lines)), "key": question_key})
+
+    if task == "niah_multivalue":
+        noun = rng.choice(_nouns())
+        values = [str(rng.randint(1000000, 9999999)) for _ in range(3)]
+        needles = [f"One of the special magic numbers for {noun} is: {v}." for v in values]
+        depths = sorted([depth] + [rng.uniform(depth, 0.7) for _ in values[1:]])
+        question = f"What are all the special magic numbers for {noun} mentioned in the provided text? The special magic numbers for {noun} are"
+        context = intro + " " + hay.fill(_needle_budget(tokenizer, length, intro, question, *needles),
+                                         list(zip(depths, needles)))
+        return TaskExample(task, context, question, " " + ", ".join(values) + ".", {"depth": depth, "key": noun})
+
+    if task == "fact_recall":
+        fact, question, answer = _fact(rng)
+        context = hay.fill(_needle_budget(tokenizer, length, fact, question), [(depth, fact)])
+        return TaskExample(task, context, question + " Answer:", f" {answer}.", {"depth": depth, "key": answer})
 
     # next_sentence: quote a sentence from early in a real document, ask for the one after it
     pool = [d for d in documents(split) if len(_sentences(d.text)) > 8]

@@ -22,6 +22,9 @@ class Sample:
     input_ids: list[int]
     loss_mask: list[int]
     source: str
+    ce_weight: float | None = None
+    """Weight of the cross-entropy term for this sample (None: the recipe's lambda_ce); a
+    recall task's known answer makes CE a direct signal where the teacher is weak."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -141,17 +144,30 @@ def task_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, 
     return out
 
 
-def document_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, split: str) -> list[Sample]:
-    """Plain long text (pydoc + essays of the split), every token scored."""
+def document_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, split: str,
+                     sources: tuple[str, ...] | None = None) -> list[Sample]:
+    """Plain long text of the split, every token scored.
+
+    Without ``sources``: one shuffled stream of pydoc + essays ("text/corpus", the shipped
+    adapter's recipe). With ``sources`` (names from ``corpus.TEXT_SOURCES``): each sample
+    draws its source uniformly and is labelled ``text/<source>`` for per-source curves.
+    """
     rng = random.Random(f"{seed}-{split}-docs")
-    docs = documents(split)
-    stream = tokenizer("\n\n".join(d.text for d in rng.sample(docs, len(docs))), add_special_tokens=False).input_ids
+
+    def stream_of(names: tuple[str, ...]) -> list[int]:
+        docs = documents(split, names)
+        return tokenizer("\n\n".join(d.text for d in rng.sample(docs, len(docs))), add_special_tokens=False).input_ids
+
+    streams = {"corpus": stream_of(("pydoc", "essays"))} if sources is None else {n: stream_of((n,)) for n in sources}
+    names = list(streams)
     out = []
     for _ in range(count):
+        name = rng.choice(names)
+        stream = streams[name]
         length = rng.randint(*lengths)
         start = rng.randrange(0, max(1, len(stream) - length))
         ids = stream[start : start + length]
-        out.append(Sample(ids, [1] * len(ids), "text/corpus"))
+        out.append(Sample(ids, [1] * len(ids), f"text/{name}"))
     return out
 
 

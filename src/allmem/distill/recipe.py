@@ -41,6 +41,11 @@ class TrainSettings:
     output_dir: str = "out/distill"
     teacher_cache: str | None = None
     teacher_topk: int = 64
+    init_adapter: str | None = None
+    """Warm start: an adapter (shipped name or directory) loaded into the memory before step 0."""
+    recall_prompts: int = 0
+    """Held-out passkey / multi-key prompts whose recall margin is logged at every evaluation."""
+    recall_length: int = 1024
 
 
 @dataclass
@@ -71,9 +76,21 @@ class Recipe:
                 raise ConfigError(f"randomize.{key} must be [lo, hi] with 0 <= lo <= hi, got {bounds!r}")
         if not self.data:
             raise ConfigError("the recipe has no data sources (data: [...])")
+        from ..corpus import TEXT_SOURCES
+        from ..tasks import TRAIN_TASKS
+
         for i, src in enumerate(self.data + self.heldout):
             if src.get("source") not in ("tasks", "text", "file"):
                 raise ConfigError(f"data[{i}].source must be tasks, text or file, got {src.get('source')!r}")
+            bad = sorted(set(src.get("tasks", ())) - set(TRAIN_TASKS))
+            if bad:
+                raise ConfigError(f"data[{i}].tasks: unknown tasks {bad}; choose from {list(TRAIN_TASKS)}")
+            bad = sorted(set(src.get("sources", ())) - set(TEXT_SOURCES))
+            if bad:
+                raise ConfigError(f"data[{i}].sources: unknown text sources {bad}; choose from {list(TEXT_SOURCES)}")
+            weight = src.get("lambda_ce", 0.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+                raise ConfigError(f"data[{i}].lambda_ce must be a number >= 0, got {weight!r}")
         t = self.train
         if t.steps <= 0 or t.micro_batch <= 0 or t.grad_accum <= 0:
             raise ConfigError("train.steps, train.micro_batch and train.grad_accum must be positive")

@@ -74,11 +74,16 @@ def build_samples(sources: list[dict], tokenizer, seed: int, split: str) -> list
         if kind == "tasks":
             tasks = tuple(src["tasks"]) if "tasks" in src else None
             kwargs = {"tasks": tasks} if tasks else {}
-            samples += task_samples(tokenizer, int(src["count"]), lengths, seed=seed + i, split=split, **kwargs)
+            new = task_samples(tokenizer, int(src["count"]), lengths, seed=seed + i, split=split, **kwargs)
         elif kind == "text":
-            samples += document_samples(tokenizer, int(src["count"]), lengths, seed=seed + i, split=split)
+            names = tuple(src["sources"]) if "sources" in src else None
+            new = document_samples(tokenizer, int(src["count"]), lengths, seed=seed + i, split=split, sources=names)
         else:
-            samples += file_samples(tokenizer, src["path"], int(src.get("max_len", 4096)), src.get("limit"))
+            new = file_samples(tokenizer, src["path"], int(src.get("max_len", 4096)), src.get("limit"))
+        if "lambda_ce" in src:
+            for sample in new:
+                sample.ce_weight = float(src["lambda_ce"])
+        samples += new
     return samples
 
 
@@ -126,6 +131,9 @@ class DistillTrainer:
         if self.recipe.train.gradient_checkpointing:
             model.supports_gradient_checkpointing = True
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.recipe.train.init_adapter:
+            model.load_adapter(self.recipe.train.init_adapter)  # warm start; checks base and shapes
+            log.info("warm start from adapter %s", self.recipe.train.init_adapter)
         model.train()
         self.params = model.memory_parameters()
         self.model = model
@@ -138,8 +146,21 @@ class DistillTrainer:
         self.tokens_per_sample = sum(len(s) for s in self.train_samples) / max(1, len(self.train_samples))
         t = r.train
         self.teacher_cache = TeacherCache(t.teacher_cache, t.teacher_topk) if t.teacher_cache else None
+        self.recall_items = self._recall_probe(t.recall_prompts, t.recall_length)
+        self.reference_margins: dict[str, float] = {}
         log.info("data: %d training samples (mean %.0f tokens), %d held out", len(self.train_samples),
                  self.tokens_per_sample, len(self.heldout_samples))
+
+    def _recall_probe(self, count: int, length: int):
+        """Held-out passkey / multi-key prompts (answers far outside any trained window) for the recall margin."""
+        from ..eval.recall import margin_items
+        from ..tasks import make_example
+
+        rng = random.Random(f"{self.recipe.train.seed}-recall-probe")
+        tasks = ("passkey", "niah_multikey")
+        examples = [make_example(tasks[i % 2], self.tokenizer, length, rng, depth=rng.uniform(0.05, 0.5),
+                                 split="heldout") for i in range(count)]
+        return margin_items(self.tokenizer, examples, seed=self.recipe.train.seed)
 
     def _setup_optimizer(self) -> None:
         t = self.recipe.train
@@ -214,8 +235,10 @@ class DistillTrainer:
         model = model or self.model
         with self.accelerator.autocast():
             student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
+        # per-source CE weight (recall tasks); a batch uses its samples' mean (exact with micro_batch 1)
+        weights = [t.lambda_ce if s.ce_weight is None else s.ce_weight for s in samples]
         out = chunked_distill_loss(student, teacher, self._unwrapped.lm_head, ids, mask, lambda_kl=t.lambda_kl,
-                                   lambda_ce=t.lambda_ce, chunk=t.kl_chunk, teacher_topk=topk)
+                                   lambda_ce=sum(weights) / len(weights), chunk=t.kl_chunk, teacher_topk=topk)
         return out.loss, StepResult(float(out.loss.detach()), out.kl, out.ce, out.tokens)
 
     def train_step(self) -> StepResult:
@@ -224,6 +247,7 @@ class DistillTrainer:
         self._unwrapped.set_runtime(**runtime)
         self.model.train()
         total = StepResult(0.0, 0.0, 0.0, 0)
+        sources: set[str] = set()
         for micro in range(t.grad_accum):
             batch = self._micro_batch(self.step, micro)
             sync = micro == t.grad_accum - 1
@@ -233,6 +257,7 @@ class DistillTrainer:
                 self.accelerator.backward(loss / t.grad_accum)
             total = StepResult(total.loss + res.loss / t.grad_accum, total.kl + res.kl / t.grad_accum,
                                total.ce + res.ce / t.grad_accum, total.tokens + sum(len(s) for s in batch))
+            sources.update(s.source for s in batch)
         if t.grad_clip:
             self.accelerator.clip_grad_norm_(list(self.params.values()), t.grad_clip)
         self.optimizer.step()
@@ -240,6 +265,7 @@ class DistillTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_runtime = runtime
+        self.last_sources = ",".join(sorted(sources))
         return total
 
     def _restore_runtime(self) -> None:
@@ -271,12 +297,32 @@ class DistillTrainer:
             sums["swa_nll"] += swa_res.ce * n
             sums["full_nll"] += full_res.ce * n
             tokens += n
-        model.train()
         out = {k: v / max(tokens, 1) for k, v in sums.items()}
         for name in ("allmem", "swa", "full"):
             out[f"{name}_ppl"] = math.exp(out[f"{name}_nll"])
         out["tokens"] = tokens
+        out.update(self.recall_margin())
+        model.train()
         return out
+
+    @torch.no_grad()
+    def recall_margin(self) -> dict[str, float]:
+        """Mean recall margin (nats) on the held-out probe; SWA + sinks and full attention are
+        measured once (they do not train)."""
+        if not self.recall_items:
+            return {}
+        from ..eval.recall import allmem_logits_fn, full_attention_logits_fn, recall_margins, swa_logits_fn
+
+        model = self._unwrapped
+        self._restore_runtime()
+        was_training = model.training
+        model.eval()
+        if not self.reference_margins:
+            for name, fn in (("full", full_attention_logits_fn), ("swa", swa_logits_fn)):
+                self.reference_margins[f"margin_{name}"] = recall_margins(fn(model), self.recall_items).mean
+        result = recall_margins(allmem_logits_fn(model), self.recall_items)
+        model.train(was_training)
+        return {"margin_allmem": result.mean, "margin_allmem_wins": result.wins, **self.reference_margins}
 
     # ---------------------------------------------------------------- loop
     def _log(self, record: dict) -> None:
@@ -330,7 +376,7 @@ class DistillTrainer:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{rate:.0f}", **{k[0].upper(): v for k, v in self.last_runtime.items()})
             self._log({"step": self.step, "loss": res.loss, "kl": res.kl, "ce": res.ce, "tokens": res.tokens,
-                       "tok_s": rate, "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **self.last_runtime})
+                       "source": self.last_sources, "tok_s": rate, "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **self.last_runtime})
             if t.save_every and self.step % t.save_every == 0:
                 self.save()
             if t.eval_every and self.heldout_samples and self.step % t.eval_every == 0:

@@ -143,6 +143,8 @@ class SyntheticResult:
     counts: dict[str, dict[int, int]]
     out_dir: Path
     settings: dict[str, Any] = field(default_factory=dict)
+    margins: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Mean recall margin (nats) by task and length, where it was recorded (``margin=True``)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -152,6 +154,7 @@ class SyntheticResult:
                          for t, rows in self.by_depth.items()},
             "counts": {t: {str(k): v for k, v in row.items()} for t, row in self.counts.items()},
             "settings": self.settings,
+            "margins": {t: {str(k): v for k, v in row.items()} for t, row in self.margins.items()},
         }
 
     def markdown(self) -> str:
@@ -168,6 +171,10 @@ class SyntheticResult:
             depth_cols = {str(n): {d: row[n] for d, row in rows.items() if n in row} for n in lengths}
             out += [f"\n{task} by needle depth (0 = start of the context) and length:\n",
                     format_table(depth_cols, row_label="depth")]
+        if self.margins:
+            cols = {str(n): {t: row[n] for t, row in self.margins.items() if n in row} for n in lengths}
+            out += ["\nRecall margin, mean log p(right) - log p(wrong) in nats, by task and length:\n",
+                    format_table(cols, row_label="task")]
         return "\n".join(out)
 
 
@@ -176,6 +183,19 @@ def prompt_text(system: Any, example: Any, chat: bool) -> str:
     if chat:
         return system.format_chat(example.input) + example.answer_prefix.lstrip()
     return example.prompt
+
+
+def example_margin(system: Any, text: str, answer: str, rng: random.Random) -> float:
+    """Recall margin (nats) of ``answer`` after the prompt ``text`` against a corrupted answer."""
+    from .recall import corrupt_answer, recall_margins, system_logprob_fn
+
+    prompt = system.encode(text)
+    right = system.tokenizer(" " + answer, add_special_tokens=False).input_ids
+    for _ in range(10):
+        wrong = system.tokenizer(" " + corrupt_answer(answer, rng), add_special_tokens=False).input_ids
+        if len(wrong) == len(right):
+            return recall_margins(None, [(prompt, right, wrong)], logprob_fn=system_logprob_fn(system)).mean
+    raise ValueError(f"no same-length wrong answer for {answer!r}")
 
 
 def run_synthetic(
@@ -191,6 +211,7 @@ def run_synthetic(
     seed: int = 0,
     split: str = "all",
     progress: bool = True,
+    margin: bool = False,
 ) -> SyntheticResult:
     """Generate (resuming) and score the grid tasks x lengths x depths x samples for one system.
 
@@ -200,6 +221,9 @@ def run_synthetic(
     budgets (one number for all tasks or a task -> number mapping). ``split`` picks the essays
     of the essay haystacks. Writes ``predictions.jsonl``, ``scores.json`` and ``scores.md`` into
     ``out_dir``; a folder whose predictions were made with other settings is refused.
+    ``margin`` also records the recall margin of each example whose single gold answer has
+    digits (``allmem.eval.recall``: log p(right) - log p(same-form wrong answer); continuous
+    where accuracy is 0/1; two more scoring passes per prompt).
     """
     from tqdm.auto import tqdm
 
@@ -228,7 +252,10 @@ def run_synthetic(
                                          split=split)
         text = prompt_text(system, example, chat)
         prediction = system.generate(text, budgets[cell.task], chat=False)
-        append_jsonl(path, {
+        extra = {}
+        if margin and len(example.outputs) == 1 and any(c.isdigit() for c in example.outputs[0]):
+            extra["margin"] = example_margin(system, text, example.outputs[0], cell.rng(seed))
+        append_jsonl(path, {**extra,
             "id": cell.id, "pred": prediction, "task": cell.task, "length": cell.length,
             "depth": cell.depth, "sample": cell.sample, "outputs": example.outputs,
             "prompt_tokens": example.length, "max_new_tokens": budgets[cell.task], "metric": TASK_METRIC[cell.task],
@@ -248,17 +275,21 @@ def score_synthetic(out_dir: str | Path, system_name: str, cells: Sequence[Cell]
     records = keep_ids(records, None if cells is None else [c.id for c in cells])
     sums: dict[str, dict[int, list[float]]] = {}
     depth_sums: dict[str, dict[str, dict[int, list[float]]]] = {}
+    margin_sums: dict[str, dict[int, list[float]]] = {}
     for r in records:
         value = sample_score(TASK_METRIC[r["task"]], r["pred"], r["outputs"])
         sums.setdefault(r["task"], {}).setdefault(r["length"], []).append(value)
         depth_sums.setdefault(r["task"], {}).setdefault(depth_label(r["depth"]), {}).setdefault(r["length"], []).append(value)
+        if "margin" in r:
+            margin_sums.setdefault(r["task"], {}).setdefault(r["length"], []).append(r["margin"])
     mean = lambda xs: round(100 * sum(xs) / len(xs), 2)  # noqa: E731
     order = {t: i for i, t in enumerate(SYNTHETIC_TASKS)}
     scores = {t: {n: mean(v) for n, v in sorted(rows.items())} for t, rows in sorted(sums.items(), key=lambda x: order[x[0]])}
     counts = {t: {n: len(v) for n, v in sorted(rows.items())} for t, rows in sums.items()}
     by_depth = {t: {d: {n: mean(v) for n, v in sorted(rows.items())} for d, rows in sorted(depths.items())}
                 for t, depths in depth_sums.items()}
-    result = SyntheticResult(system_name, scores, by_depth, counts, out_dir, settings or {})
+    margins = {t: {n: round(sum(v) / len(v), 3) for n, v in sorted(rows.items())} for t, rows in margin_sums.items()}
+    result = SyntheticResult(system_name, scores, by_depth, counts, out_dir, settings or {}, margins)
     (out_dir / "scores.json").write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     (out_dir / "scores.md").write_text(result.markdown(), encoding="utf-8")
     return result
@@ -269,6 +300,10 @@ def comparison_markdown(results: Sequence[SyntheticResult]) -> str:
     tasks) by depth and length."""
     columns = {r.system: {f"{t} @ {n}": v for t, row in r.scores.items() for n, v in row.items()} for r in results}
     out = ["Score (100 x mean) by task and length (tokens):\n", format_table(columns, row_label="task @ length")]
+    if any(r.margins for r in results):
+        margins = {r.system: {f"{t} @ {n}": v for t, row in r.margins.items() for n, v in row.items()} for r in results}
+        out += ["\nRecall margin (nats, mean log p(right) - log p(wrong answer of the same form)):\n",
+                format_table(margins, row_label="task @ length")]
     depth_tasks = [t for t in DEPTH_TASKS if any(t in r.by_depth for r in results)]
     for task in depth_tasks:
         cols = {r.system: {f"{n} @ depth {d}": v for d, row in r.by_depth.get(task, {}).items() for n, v in sorted(row.items())}
