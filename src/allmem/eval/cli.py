@@ -1,5 +1,6 @@
 """``allmem eval``: benchmarks, the synthetic suite, perplexity by position and lm-eval tasks,
-for one or more systems compared in one table.
+for one or more systems compared in one table; and ``mqar``, a recall probe of the memories
+on tiny models trained from scratch (``allmem.eval.mqar``).
 
 ``register(subparsers)`` adds the command to the ``allmem`` parser. Systems are specs
 (``allmem.eval.systems``): ``full:smollm2``, ``swa:smollm2?window=256&sinks=4``,
@@ -162,7 +163,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         results.append(run_synthetic(
             system, args.tasks, args.lengths, args.depths, args.samples, out / slug(system.name),
             chat=args.chat, max_new_tokens=args.max_new_tokens, seed=args.seed, split=args.split,
-            progress=not args.quiet,
+            progress=not args.quiet, margin=args.margin,
         ))
     text = comparison_markdown(results) + "\n" + "\n".join(r.markdown() for r in results)
     (out / "summary.md").write_text(text, encoding="utf-8")
@@ -219,6 +220,27 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ MQAR probe
+@_handled
+def cmd_mqar(args: argparse.Namespace) -> int:
+    import torch
+
+    from .mqar import ProbeConfig, parse_grid, parse_settings, run_grid, run_sweep, with_settings
+
+    torch.set_num_threads(args.threads)
+    grid = parse_grid(args.grid)
+    cfg = ProbeConfig(d_model=args.d_model, window=args.window, sinks=args.sinks, chunk=args.chunk, steps=args.steps,
+                      budget_s=args.budget_s, seed=args.seed, eval_examples=args.eval_examples)
+    cfg = with_settings(cfg, parse_settings(args.set or []))
+    if args.sweep:
+        run_sweep(args.sweep, grid, cfg, args.out, progress=not args.quiet)
+        print((Path(args.out) / "sweep.md").read_text())
+    else:
+        run_grid(args.mixers, grid, cfg, args.out, progress=not args.quiet, plot=not args.no_plot)
+        print((Path(args.out) / "mqar.md").read_text())
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``eval`` and its subcommands to an ``argparse`` subparsers object."""
@@ -231,7 +253,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from .ppl import SOURCES
 
     ev = subparsers.add_parser(
-        "eval", help="evaluate systems: long-context benchmarks, synthetic suite, perplexity, lm-eval tasks",
+        "eval", help="evaluate systems: long-context benchmarks, synthetic suite, perplexity, lm-eval tasks, MQAR probe",
         description="Evaluate one or more systems (full attention, SWA + sinks, AllMem, ...) and compare them "
                     "in one table. Outputs (markdown + JSON) go under --out; interrupted runs resume.",
     )
@@ -284,6 +306,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="tokens to generate for every task (default: RULER's per-task budgets, 16 for passkey)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=["all", "train", "heldout"], default="all", help="essays of the essay haystacks")
+    p.add_argument("--margin", action="store_true",
+                   help="also report the recall margin (log p(right) - log p(a wrong answer of the same form), nats) "
+                        "of every example with a numeric answer: continuous where accuracy is 0/1")
     _chat_arg(p, "default: when the tokenizer has one; RULER's answer prefix follows the template")
     p.set_defaults(func=cmd_synthetic)
 
@@ -313,6 +338,36 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--apply-chat-template", action="store_true", help="format requests with the chat template")
     p.set_defaults(func=cmd_lm_eval)
+
+    p = sub.add_parser("mqar", help="multi-query associative recall probe: tiny models trained from scratch",
+                       description="MQAR (Zoology) with every query farther back than the window: a 2-layer Llama "
+                                   "trained from scratch with full attention (ceiling), SWA alone (floor), SWA + the "
+                                   "AllMem memory and SWA + Mamba-2 of the same state size. Writes mqar.json/.md/.png "
+                                   "(or sweep.json/.md with --sweep) under --out; finished points are skipped on rerun.")
+    p.add_argument("--mixers", nargs="+", default=["full", "swa", "allmem", "mamba2"], metavar="MIXER",
+                   help="full swa allmem mamba2 (default: all four)")
+    p.add_argument("--grid", nargs="+", default=["128:8", "256:16", "512:32", "1024:64"], metavar="LEN:PAIRS",
+                   help="grid points seq_len:pairs (default 128:8 256:16 512:32 1024:64)")
+    p.add_argument("--d-model", type=int, default=128, help="backbone width (head_dim 64; default 128)")
+    p.add_argument("--window", type=int, default=64, help="SWA window W; queries lie >= W after the pairs (default 64)")
+    p.add_argument("--sinks", type=int, default=0, help="attention sinks (default 0)")
+    p.add_argument("--chunk", type=int, default=32, help="memory chunk C (default 32)")
+    p.add_argument("--steps", type=int, default=3000, help="at most this many training steps per point (default 3000)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="training seconds per point (default 300)")
+    p.add_argument("--eval-examples", type=int, default=256, help="held-out examples per point (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="AllMemConfig overrides (base_lr=0.3 expansion=2 inner_loss=dot clip=none conv_kernel=0 ...) "
+                        "and training keys lr, batch, alpha_init, warmup, weight_decay")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="VARIANT",
+                   help="sweep the allmem mixer instead: each VARIANT is comma-separated KEY=VALUE overrides on top "
+                        "of --set ('default' = none), e.g. default base_lr=1.0 base_lr=1.0,clip=none")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared CPU one thread beats two waiting on each other)")
+    p.add_argument("--out", required=True, help="output folder (reruns resume from what is there)")
+    p.add_argument("--no-plot", action="store_true", help="skip mqar.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_mqar)
     return ev
 
 

@@ -1,0 +1,139 @@
+"""The MQAR probe: the generator's layout, tiny end-to-end runs of every mixer, the CLI's errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from allmem.eval import mqar
+from allmem.eval.cli import register
+from allmem.eval.mqar import MIXERS, MQARError, ProbeConfig, multiquery_ar
+
+VOCAB = 512
+TINY = dict(d_model=64, head_dim=32, intermediate=64, vocab=64, window=16, chunk=8, steps=3, budget_s=60,
+            batch=4, warmup=1, eval_examples=8, eval_every=2)
+
+
+@pytest.mark.parametrize("seq_len,pairs,gap", [(128, 8, 64), (256, 16, 64), (100, 5, 30), (64, 4, 0)])
+def test_every_answer_is_the_value_paired_with_the_queried_key(seq_len, pairs, gap):
+    x, y = multiquery_ar(64, seq_len, pairs, vocab_size=VOCAB, min_gap=gap, seed=3)
+    assert x.shape == y.shape == (64, seq_len) and x.dtype == y.dtype == torch.long
+    context = 2 * pairs
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        keys, values = row_x[0:context:2], row_x[1:context:2]
+        assert all(1 <= k < VOCAB // 2 for k in keys) and all(VOCAB // 2 <= v < VOCAB for v in values)
+        assert len(set(keys)) == pairs and len(set(values)) == pairs
+        table = dict(zip(keys, values))
+        answers = [t for t, label in enumerate(row_y) if label != -100]
+        assert len(answers) == pairs  # every key is asked once by default
+        assert sorted(row_x[t] for t in answers) == sorted(keys)
+        for t in answers:
+            assert t >= context + gap
+            assert row_y[t] == table[row_x[t]]
+        assert all(label == -100 for t, label in enumerate(row_y) if t not in answers)
+        assert min(b - a for a, b in zip(answers, answers[1:])) >= 2
+
+
+def test_seeds_reproduce_and_differ():
+    a = multiquery_ar(8, 128, 8, seed=1)
+    b = multiquery_ar(8, 128, 8, seed=1)
+    c = multiquery_ar(8, 128, 8, seed=2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_num_queries_and_query_positions_spread_over_the_allowed_range():
+    x, y = multiquery_ar(256, 200, 10, vocab_size=VOCAB, min_gap=50, num_queries=3, seed=0)
+    positions = (y != -100).nonzero()[:, 1]
+    assert ((y != -100).sum(1) == 3).all()
+    assert positions.min() == 70 and positions.max() >= 190  # first and last even slots get used
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seq_len=100, num_kv_pairs=16, min_gap=64), "too short"),
+    (dict(seq_len=256, num_kv_pairs=8, num_queries=9), "num_queries"),
+    (dict(seq_len=256, num_kv_pairs=40, vocab_size=64), "too few keys"),
+])
+def test_impossible_layouts_are_refused(kwargs, match):
+    with pytest.raises(MQARError, match=match):
+        multiquery_ar(2, **kwargs)
+
+
+def test_state_sizes_match_and_only_the_swa_memory_is_frozen():
+    cfg = ProbeConfig(**{**TINY, "memory": {"expansion": 2}})
+    models = {m: mqar.build_model(m, cfg, 64) for m in MIXERS}
+    # TTT: 2 heads x 3 matrices x 32 x (2 * 32); Mamba-2 sized to the same number of floats
+    assert mqar.recurrent_state_floats(models["allmem"]) == 2 * 3 * 32 * 64
+    assert mqar.recurrent_state_floats(models["mamba2"]) == 2 * 3 * 32 * 64
+    assert mqar.recurrent_state_floats(models["full"]) is None
+    assert all(p.requires_grad for m in ("full", "allmem", "mamba2") for p in models[m].parameters())
+    swa = models["swa"]
+    frozen = {n for n, p in swa.named_parameters() if not p.requires_grad}
+    assert frozen == set(swa.memory_parameters()) and frozen
+    assert all(float(layer.self_attn.alpha.abs().max()) == 0 for layer in swa.model.layers)
+    assert all(float(layer.self_attn.alpha.detach().min()) == cfg.alpha_init for layer in models["allmem"].model.layers)
+
+
+def test_every_mixer_trains_end_to_end_writes_outputs_and_resumes(tmp_path, monkeypatch):
+    cfg = ProbeConfig(**TINY)
+    lines = []
+    records = mqar.run_grid(list(MIXERS), [(40, 4)], cfg, tmp_path, progress=False, log=lines.append)
+    assert len(records) == 4 and len(lines) == 4
+    for r in records:
+        assert r["steps"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0
+    md = (tmp_path / "mqar.md").read_text()
+    for mixer in MIXERS:
+        assert f"| {mixer} |" in md
+    assert "| mixer | 40:4 |" in md
+    assert (tmp_path / "mqar.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "mqar.json").read_text())["results"]
+    assert len(saved) == 4
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished point was trained again")
+
+    monkeypatch.setattr(mqar, "train_point", no_training)
+    again = mqar.run_grid(["allmem", "full"], [(40, 4)], cfg, tmp_path, progress=False, plot=False, log=lines.append)
+    assert {(r["mixer"], r["accuracy"]) for r in again} <= {(r["mixer"], r["accuracy"]) for r in records}
+    with pytest.raises(AssertionError, match="trained again"):  # other settings are a new point
+        mqar.run_grid(["allmem"], [(40, 4)], mqar.with_settings(cfg, {"base_lr": 0.5}), tmp_path, progress=False)
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="allmem")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_cli_sweep_runs_and_writes_the_table(tmp_path):
+    argv = ["eval", "mqar", "--grid", "40:4", "--d-model", "64", "--window", "16", "--chunk", "8", "--steps", "2",
+            "--eval-examples", "4", "--out", str(tmp_path), "--quiet",
+            "--set", "vocab=64", "head_dim=32", "batch=2", "--sweep", "default", "base_lr=1.0,clip=none"]
+    # head_dim is not a --set key (neither a training key nor an AllMemConfig field): one error line
+    assert run(*argv) == 2
+    argv.remove("head_dim=32")
+    assert run(*argv) == 0
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| default | " in md and "| base_lr=1.0,clip=none | " in md
+    assert len(json.loads((tmp_path / "sweep.json").read_text())["results"]) == 2
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--grid", "256x16"], "SEQ_LEN:PAIRS"),
+    (["--grid", "64:16"], "too short"),
+    (["--mixers", "transformer"], "unknown mixers"),
+    (["--set", "base_lr=-1"], "base_lr"),
+    (["--set", "no_such_field=1"], "no_such_field"),
+    (["--set", "base_lr"], "key=value"),
+])
+def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, extra, match):
+    code = run("eval", "mqar", "--out", str(tmp_path), "--quiet", "--steps", "1", *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+    assert not (tmp_path / "mqar.json").exists()
