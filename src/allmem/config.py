@@ -49,6 +49,13 @@ class AllMemConfig:
     clip: float | None = 1.0
     """(ours) tau: per-matrix clip on the Frobenius norm of the inner gradient; None disables."""
     norm_eps: float = 1e-5
+    read_residual: bool = True
+    """(ours) True: f_W(z) = z + W2(silu(W1 z) * W3 z) as in the spec. False drops the skip "+ z"
+    from the read and from the inner loss, so a read returns only what the chunks wrote."""
+    qk_scale: float = 1.0
+    """(ours) factor on q and k after the per-head L2 normalisation (1 = the spec). sqrt(d_h)
+    gives unit-variance entries, so the fast weights' pre-activations are O(1) instead of
+    O(1/sqrt(d_h)) and a write moves the read by more than a few parts in a thousand."""
     init: Literal["attention", "random"] = "attention"
     """attention: memory k/v copy the attention's k_proj/v_proj, q the group mean of q_proj.
     With memory_type="mamba2" both modes give Mamba-2's own initialisation (nothing is copied)."""
@@ -94,6 +101,10 @@ class AllMemConfig:
         need(0.0 < self.momentum_init < 1.0, f"momentum_init must lie strictly between 0 and 1, got {self.momentum_init!r}")
         need(self.clip is None or self.clip > 0, f"clip must be None or > 0, got {self.clip!r}")
         need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
+        need(isinstance(self.read_residual, bool), f"read_residual must be True or False, got {self.read_residual!r}")
+        need(isinstance(self.qk_scale, (int, float)) and not isinstance(self.qk_scale, bool)
+             and self.qk_scale > 0 and math.isfinite(self.qk_scale),
+             f"qk_scale must be a positive number, got {self.qk_scale!r}")
         need(self.swa_block is None or (isinstance(self.swa_block, int) and self.swa_block > 0),
              f"swa_block must be None or a positive integer, got {self.swa_block!r}")
         if self.chunk > self.window:

@@ -184,6 +184,8 @@ class AllMemMemory(nn.Module):
         q, k, v = F.silu(qkv).split(self.width, dim=-1)
         q = self._heads(F.normalize(self._split(self.q_norm(q)), dim=-1))  # [B, H, T, d_h]
         k = self._heads(F.normalize(self._split(self.k_norm(k)), dim=-1))
+        if config.qk_scale != 1.0:
+            q, k = q * config.qk_scale, k * config.qk_scale
         v = self._heads(self._split(v))
         eta = (F.softplus(self.eta_proj(x)) * valid.unsqueeze(-1)).transpose(1, 2)  # [B, H, T]
         beta_logits = F.linear(x, self.beta_proj.weight).transpose(1, 2)  # [B, H, T]
@@ -244,6 +246,8 @@ class AllMemMemory(nn.Module):
         batch = q.shape[0]
         chunk = config.chunk
         o = swiglu_read(self._flat(q), FastWeights(*map(self._flat, state.weights)))  # [BH, 1, d]
+        if not config.read_residual:
+            o = o - self._flat(q)
         buffer_k, buffer_v = _write_slot(state.buffer_k, k, state.fill), _write_slot(state.buffer_v, v, state.fill)
         buffer_eta = _write_slot(state.buffer_eta, eta, state.fill)
         buffer_beta = _write_slot(state.buffer_beta, beta_logits, state.fill)
@@ -255,7 +259,7 @@ class AllMemMemory(nn.Module):
             new = ttt_update(
                 self._state_flat(state), self._flat(buffer_k), self._flat(buffer_v), self._flat(buffer_eta),
                 self._flat(beta), norms, loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
-                apply=full.repeat_interleave(self.heads),
+                apply=full.repeat_interleave(self.heads), residual=config.read_residual,
             )
             weights = FastWeights(*(self._unflat(w, batch) for w in new.weights))
             momentum = FastWeights(*(self._unflat(m, batch) for m in new.momentum))
@@ -299,7 +303,7 @@ class AllMemMemory(nn.Module):
         o_c, final = chunk_ttt(
             self._flat(q_c), self._flat(k_c), self._flat(v_c), self._flat(eta_c), self._flat(beta),
             self._state_flat(state), norms, chunk_size=chunk, loss=config.inner_loss, clip=config.clip,
-            eps=config.norm_eps, update_mask=update_mask,
+            eps=config.norm_eps, update_mask=update_mask, residual=config.read_residual,
         )
         o = self._unflat(o_c, batch)
         if not fresh_buffer:

@@ -50,6 +50,7 @@ def ttt_update(
     clip: float | None = 1.0,
     eps: float = 1e-5,
     apply: torch.Tensor | None = None,
+    residual: bool = True,
 ) -> TTTState:
     """One memory write from one chunk.
 
@@ -60,7 +61,9 @@ def ttt_update(
         beta: [N] momentum coefficient of the chunk.
         reference_norms: row norms n0 of the initial weights, [N or 1, rows, 1] per matrix.
         apply: optional [N] bool; where false the state is returned unchanged.
+        residual: False trains f_W(z) = W2(silu(W1 z) * W3 z), the network without its skip.
     """
+    v = _skip_free_values(k, v, loss, residual)
     normalised = renormalise(state.weights, reference_norms, eps)
     grads = swiglu_loss_grads(k, v, eta, normalised, loss)
     if clip is not None:
@@ -73,6 +76,14 @@ def ttt_update(
         weights = FastWeights(*(torch.where(keep, new, old) for new, old in zip(weights, state.weights)))
         momentum = FastWeights(*(torch.where(keep, new, old) for new, old in zip(momentum, state.momentum)))
     return TTTState(weights, momentum)
+
+
+def _skip_free_values(k: torch.Tensor, v: torch.Tensor, loss: str, residual: bool) -> torch.Tensor:
+    """Values that make the skip-ful network's inner gradient equal the skip-free one's.
+
+    mse: f(k) - (v + k) = W2 h(k) - v, so training z + W2 h(z) towards v + k is training
+    W2 h(z) towards v. dot: the gradient -v does not involve the skip at all."""
+    return v + k if not residual and loss == "mse" else v
 
 
 _STEP = {"read": swiglu_read, "update": ttt_update}
@@ -127,6 +138,7 @@ def chunk_ttt(
     clip: float | None = 1.0,
     eps: float = 1e-5,
     update_mask: torch.Tensor | None = None,
+    residual: bool = True,
 ) -> tuple[torch.Tensor, TTTState]:
     """Read and train the memory over a whole sequence, chunk by chunk.
 
@@ -138,6 +150,8 @@ def chunk_ttt(
         reference_norms: n0, row norms of the initial weights.
         update_mask: [N, ceil(L / chunk_size)] bool, whether each chunk writes; by default
             every full chunk writes and a partial last chunk does not (it is buffered).
+        residual: True (the spec) reads and trains f_W(z) = z + W2 h(z); False reads and
+            trains W2 h(z) alone (the skip removed from both; same state, same shapes).
 
     Returns:
         o: [N, L, d], the reads; final_state: the state after the last written chunk.
@@ -150,6 +164,10 @@ def chunk_ttt(
         raise ValueError(f"beta must have shape {(n, num_chunks)} (one per chunk), got {tuple(beta.shape)}")
     if update_mask is not None and update_mask.shape != (n, num_chunks):
         raise ValueError(f"update_mask must have shape {(n, num_chunks)}, got {tuple(update_mask.shape)}")
+    if not residual:  # the skip-ful op on shifted values, then the skip taken off every read
+        o, state = chunk_ttt(q, k, _skip_free_values(k, v, loss, False), eta, beta, initial_state, reference_norms,
+                             chunk_size=chunk_size, loss=loss, clip=clip, eps=eps, update_mask=update_mask)
+        return o - q, state
 
     shapes = {tuple(w.shape) for w in (*initial_state.weights, *initial_state.momentum)}
     if len(shapes) == 1 and _STEP["update"] is ttt_update:
