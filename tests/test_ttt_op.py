@@ -174,3 +174,15 @@ def test_skip_free_memory_matches_its_reference(loss, expansion):
     # and it is a different memory from the spec's one (the skip matters for mse writes and every read)
     o_skip, _ = chunk_ttt(q, k, v, eta, beta, TTTState(w0, zeros), row_norms(w0), chunk_size=chunk, loss=loss, clip=0.3)
     assert not torch.allclose(o_skip, o)
+
+
+def test_skip_free_scaled_memory_prefill_equals_segments_and_decoding():
+    """The model-level path of read_residual=False / qk_scale (ours): one prefill = segments
+    fed through the cache, including one-token decode steps that fill and write a chunk."""
+    import allmem
+    from tiny_models import assert_segments_equal_one_prefill, randomise_memory, tiny_base
+
+    config = allmem.AllMemConfig(window=8, sinks=2, chunk=4, read_residual=False, qk_scale=8.0, clip=None)
+    # float64: unclipped writes with 8x keys amplify float32 rounding past the helper's tolerance
+    model = randomise_memory(allmem.convert(tiny_base("llama"), config)).eval().double()
+    assert_segments_equal_one_prefill(model, [5, 1, 1, 1, 9, 1, 2])
