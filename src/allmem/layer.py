@@ -187,12 +187,16 @@ class AllMemAttention(nn.Module):
             ring_k, ring_v = _gather_time(keys, idx), _gather_time(values, idx)
             ring_pos = torch.where(p >= 0, p, torch.full_like(p, -1))
         else:
-            # one new key per row at slot seen % W (a padding token's write is overwritten by
-            # the row's next real token, which has the same position, before anything reads it)
+            # one new key per row at slot seen % W. A row whose token is padding (seq_lens 0)
+            # writes back what the slot already holds: its key would otherwise sit in the ring
+            # at position seen, and the row's next token (same position) would attend to it
             write = (seg.seen % window).view(batch, 1)
             index = write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, k.shape[-1])
-            position = seg.seen[:, None]
-            ring_k = scatter_state(window_state.ring_k, 2, index, k)
-            ring_v = scatter_state(window_state.ring_v, 2, index, v)
+            real = (seg.seq_lens > 0).view(batch, 1)
+            position = torch.where(real, seg.seen[:, None], window_state.ring_pos.gather(1, write))
+            new_k = torch.where(real[..., None, None], k, window_state.ring_k.gather(2, index))
+            new_v = torch.where(real[..., None, None], v, window_state.ring_v.gather(2, index))
+            ring_k = scatter_state(window_state.ring_k, 2, index, new_k)
+            ring_v = scatter_state(window_state.ring_v, 2, index, new_v)
             ring_pos = scatter_state(window_state.ring_pos, 1, write, position)
         return attn_out, WindowState(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
