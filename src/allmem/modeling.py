@@ -10,6 +10,7 @@ its own loop over the layers so that no L x L mask is ever built, and keeps ever
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache import AllMemCache
+from .cache import AllMemCache, first_non_finite
 from .config import AllMemConfig
 from .layer import AllMemAttention, Segment
 
@@ -34,10 +35,51 @@ ADAPTER_CONFIG = "allmem_config.json"
 # adapters that ship inside the package, usable by name wherever an adapter directory is
 SHIPPED_ADAPTERS = {"smollm2-allmem": Path(__file__).parent / "adapters" / "smollm2-allmem"}
 ADAPTER_FORMAT = "allmem-adapter/1"
+ADAPTER_SUMS = "SHA256SUMS"  # `sha256sum` lines beside a shipped adapter's weights
 
 
 class AdapterMismatchError(ValueError):
     """An adapter was applied to a base model other than the one it was trained on."""
+
+
+class AdapterFileError(ValueError):
+    """An adapter's weights are damaged: a SHA-256 mismatch with its SHA256SUMS, or NaN/Inf."""
+
+
+# (path, size, mtime_ns) -> SHA-256: each adapter file is hashed once per process, again only if it changed
+_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_SEEN:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256_SEEN[key] = h.hexdigest()
+    return _SHA256_SEEN[key]
+
+
+def verify_sha256sums(directory: Path, required: bool) -> None:
+    """Check every file that ``directory/SHA256SUMS`` lists. ``required`` (a shipped adapter,
+    loaded by name) makes a missing SHA256SUMS an error rather than nothing to check."""
+    sums = directory / ADAPTER_SUMS
+    if not sums.is_file():
+        if required:
+            raise AdapterFileError(f"{sums} is missing: the shipped adapter cannot be verified; reinstall the package")
+        return
+    for line in sums.read_text().splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(maxsplit=1)
+        target = directory / name.lstrip("*")  # `sha256sum -b` marks binary files with *
+        if not target.is_file():
+            raise FileNotFoundError(f"{target} is missing: {sums} lists it")
+        if file_sha256(target) != digest.lower():
+            raise AdapterFileError(f"{target} does not match its SHA-256 in {sums}: the file is damaged or was "
+                                   "replaced; reinstall the package or restore the file")
 
 
 def base_signature(model: torch.nn.Module, config: PretrainedConfig) -> dict[str, Any]:
@@ -277,13 +319,22 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Load adapter weights from a directory or a shipped adapter's name. Files listed in a
+        SHA256SUMS beside them are verified (a shipped adapter must have one), and weights
+        holding NaN/Inf are refused (``AdapterFileError``) before any parameter is touched."""
+        shipped = str(directory) in SHIPPED_ADAPTERS
         directory = adapter_dir(directory) or Path(directory)
         meta = read_adapter_config(directory)
         check_signature(meta["base_signature"], self._signature, str(directory))
         weights_path = directory / ADAPTER_WEIGHTS
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path} is missing: the adapter directory is incomplete")
+        verify_sha256sums(directory, required=shipped)
         tensors = load_file(str(weights_path))
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise AdapterFileError(f"{weights_path} holds NaN or Inf values (in {bad}): the adapter is damaged; "
+                                   "restore it or train it again")
         params = self.memory_parameters()
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or unexpected:
