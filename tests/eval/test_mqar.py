@@ -137,3 +137,20 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, extra, mat
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
     assert not (tmp_path / "mqar.json").exists()
+
+
+def test_capacity_probe_separates_the_skip_free_memory_from_the_spec_one():
+    """benchmarks/mqar_capacity.py: with the spec's skip (f = z + W2 h) an untrained head's
+    reads sit at chance among the written values; without it (read_residual=False) they retrieve."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mqar_capacity.py"
+    spec = importlib.util.spec_from_file_location("mqar_capacity", path)
+    capacity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capacity)
+    small = dict(pairs=8, filler=16, d=32, chunk=16, memories=8)
+    with_skip = capacity.probe(residual=True, **small)
+    skip_free = capacity.probe(residual=False, **small)
+    assert with_skip["write_share"] < 0.05 and with_skip["top1"] < 0.3
+    assert skip_free["top1"] > 0.8 and skip_free["write_share"] > 0.3

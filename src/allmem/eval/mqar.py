@@ -327,7 +327,7 @@ def train_point(
         "mixer": mixer, "seq_len": seq_len, "pairs": num_kv_pairs, "settings": cfg.settings(),
         "accuracy": accuracy, "loss": eval_loss, "train_loss": loss_value, "steps": step,
         "train_s": round(train_s, 1), "s_per_step": round(train_s / max(step, 1), 3),
-        "state_floats_per_layer": recurrent_state_floats(model),
+        "state_floats_per_layer": recurrent_state_floats(model) if mixer in ("allmem", "mamba2") else None,
         "params": sum(p.numel() for p in model.parameters()), "history": history,
     }
 
@@ -449,7 +449,7 @@ def run_grid(mixers: Sequence[str], grid: Sequence[tuple[int, int]], cfg: ProbeC
     for r in chosen:
         acc[r["mixer"]][f"{r['seq_len']}:{r['pairs']}"] = 100 * r["accuracy"]
         loss[r["mixer"]][f"{r['seq_len']}:{r['pairs']}"] = r["loss"]
-    states = {r["mixer"]: r["state_floats_per_layer"] for r in chosen if r["state_floats_per_layer"]}
+    states = {r["mixer"]: r["state_floats_per_layer"] for r in chosen if r["mixer"] in ("allmem", "mamba2")}
     text = (f"# MQAR accuracy (%) on held-out examples, columns seq_len:pairs\n\n{_describe(cfg)}\n\n"
             + _table(acc, columns, "mixer") + "\nHeld-out loss (answer positions):\n\n"
             + _table(loss, columns, "mixer", "{:.3f}")
