@@ -1,13 +1,27 @@
 """Silent failures made loud or correct (issue 13): a padding token in a one-token step,
 damaged saved states and adapters, two writers on one session, bad --session paths."""
 
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
 import torch
+from filelock import FileLock
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tiny_models import ids, randomise_memory, tiny_base
 
 import allmem
+import allmem.modeling as modeling
+from allmem import cli
+from allmem.cache import CacheFileError
+from allmem.session import SESSION_FORMAT
 
 
 # ------------------------------------------------ padding in a one-token step
@@ -55,9 +69,6 @@ def _model_and_state(tmp_path, name="state.safetensors", **metadata):
 def _rewrite(path, target, edit=None, keep_checksum=True):
     """Copy a saved state to ``target`` with ``edit(tensors)`` applied, its metadata kept (the
     checksum dropped unless ``keep_checksum``: a file from before checksums)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -74,8 +85,6 @@ def _put_nan(tensors):
 
 
 def test_a_saved_state_holding_nan_or_inf_is_refused_naming_the_file(tmp_path):
-    from allmem.cache import CacheFileError
-
     model, cache, path = _model_and_state(tmp_path)
     old_file = _rewrite(path, tmp_path / "old-nan.safetensors", _put_nan, keep_checksum=False)
     with pytest.raises(CacheFileError, match=r"old-nan\.safetensors holds NaN or Inf values \(in layers\.1\.memory"):
@@ -88,10 +97,6 @@ def test_a_saved_state_holding_nan_or_inf_is_refused_naming_the_file(tmp_path):
 
 
 def test_a_flipped_data_byte_in_a_saved_state_is_refused(tmp_path):
-    from safetensors import safe_open
-
-    from allmem.cache import CacheFileError
-
     _, _, path = _model_and_state(tmp_path)
     with safe_open(str(path), framework="pt") as f:
         assert len(f.metadata()["sha256"]) == 64
@@ -115,10 +120,6 @@ def test_a_state_saved_before_checksums_still_loads_and_continues_exactly(tmp_pa
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "text", "foreign", "directory"])
 def test_unreadable_state_files_raise_one_error_naming_the_file(tmp_path, kind):
-    from safetensors.torch import save_file
-
-    from allmem.cache import CacheFileError
-
     _, _, path = _model_and_state(tmp_path)
     bad = tmp_path / f"{kind}.safetensors"
     if kind == "truncated":
@@ -138,24 +139,18 @@ def test_unreadable_state_files_raise_one_error_naming_the_file(tmp_path, kind):
 
 # ------------------------------------------------ damaged adapters
 def test_an_adapter_holding_nan_is_refused_before_any_parameter_changes(tmp_path):
-    from allmem.modeling import AdapterFileError
-
     model = randomise_memory(allmem.convert(tiny_base("qwen3"), allmem.AllMemConfig(window=8, chunk=4)))
     model.save_pretrained(tmp_path / "adapter")
     weights = tmp_path / "adapter" / "adapter.safetensors"
     _rewrite(weights, weights, lambda t: t["model.layers.0.self_attn.alpha"].fill_(float("nan")))
     target = allmem.convert(tiny_base("qwen3"), allmem.AllMemConfig(window=8, chunk=4))
     before = {n: p.detach().clone() for n, p in target.memory_parameters().items()}
-    with pytest.raises(AdapterFileError, match=r"adapter\.safetensors holds NaN or Inf values \(in model\.layers\.0"):
+    with pytest.raises(modeling.AdapterFileError, match=r"adapter\.safetensors holds NaN or Inf values \(in model\.layers\.0"):
         target.load_adapter(tmp_path / "adapter")
     assert all(torch.equal(p, before[n]) for n, p in target.memory_parameters().items())
 
 
 def test_a_shipped_adapter_is_checked_against_its_sha256sums_once_per_process(tmp_path, monkeypatch):
-    import hashlib
-
-    import allmem.modeling as modeling
-
     model = randomise_memory(allmem.convert(tiny_base("qwen3"), allmem.AllMemConfig(window=8, chunk=4)))
     folder = tmp_path / "tiny-shipped"
     model.save_pretrained(folder)
@@ -183,6 +178,110 @@ def test_a_shipped_adapter_is_checked_against_its_sha256sums_once_per_process(tm
 
 
 def test_the_shipped_adapter_matches_its_sha256sums():
-    from allmem.modeling import SHIPPED_ADAPTERS, verify_sha256sums
+    modeling.verify_sha256sums(modeling.SHIPPED_ADAPTERS["smollm2-allmem"], required=True)
 
-    verify_sha256sums(SHIPPED_ADAPTERS["smollm2-allmem"], required=True)
+
+# ------------------------------------------------ `allmem chat/read --session F`
+def _cli(args, stdin=""):
+    """Run the CLI in a subprocess; returns (exit code, stdout, stderr)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run([sys.executable, "-m", "allmem.cli", *args], input=stdin, capture_output=True, text=True,
+                         env=env, timeout=600)
+    return out.returncode, out.stdout, out.stderr
+
+
+def _bad_session_file(tmp_path, kind):
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "truncated":
+        _, _, good = _model_and_state(tmp_path, session=SESSION_FORMAT, phase="closed", turns=1, tokens_read=20)
+        path.write_bytes(good.read_bytes()[:3000])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("my notes, not a session\n")
+    elif kind == "plain-state":
+        _model_and_state(tmp_path, name=path.name)  # an AllMem state without session metadata
+    elif kind == "nan-session":
+        _, _, good = _model_and_state(tmp_path, session=SESSION_FORMAT, phase="closed", turns=1, tokens_read=20)
+        _rewrite(good, path, _put_nan)
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("command", ["chat", "read"])
+@pytest.mark.parametrize("kind", ["truncated", "empty", "text", "plain-state", "nan-session", "directory"])
+def test_a_bad_session_file_is_one_error_line_before_the_model_loads(tmp_path, monkeypatch, capsys, command, kind):
+    """`allmem chat/read --session F` with F unusable: exit 2 and one `error:` line naming F and
+    the fix, before the model loads and before any input (stdin, or read's FILE) is read."""
+    path = _bad_session_file(tmp_path, kind)
+
+    def no_model(*_):
+        raise AssertionError("the model was loaded before --session was checked")
+
+    monkeypatch.setattr(cli, "_load_model", no_model)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a question\n"))
+    args = [command, "--session", str(path)] + ([str(tmp_path / "not-read-yet.txt")] if command == "read" else [])
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --session {path} ")
+    fix = "a file path such as" if kind == "directory" else "pass another --session path"
+    assert fix in err
+
+
+def test_a_bad_session_file_is_refused_by_the_real_command_without_a_traceback(tiny_adapter, tmp_path):
+    path = _bad_session_file(tmp_path, "truncated")
+    rc, out, err = _cli(["chat", "--model", str(tiny_adapter), "--session", str(path)], stdin="hello\n")
+    assert rc == 2 and out == ""
+    assert err.startswith(f"error: --session {path} is not a readable safetensors file") and err.count("\n") == 1
+
+
+def test_a_second_process_on_the_same_session_is_refused(tmp_path):
+    path = tmp_path / "chat.safetensors"
+    with FileLock(f"{path}.lock"):  # another `allmem chat --session` is running
+        rc, out, err = _cli(["chat", "--session", str(path)], stdin="hello\n")
+    assert rc == 2 and out == ""
+    assert err == f"error: another process holds the session {path} (lock {path}.lock); wait until it exits " \
+                  "or pass another --session\n"
+    assert not path.exists()
+
+
+def test_a_crashed_chat_does_not_leave_its_session_locked(tiny_adapter, tmp_path, monkeypatch, capsys):
+    """A chat killed mid-session (SIGKILL: no cleanup runs) holds the lock no more: the next
+    chat resumes the turns it had saved."""
+    path = tmp_path / "chat.safetensors"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "allmem.cli", "chat", "--model", str(tiny_adapter), "--session",
+                             str(path), "--max-new-tokens", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        proc.stdin.write(b"first question\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().startswith(b"you> first question")
+        proc.stdout.readline()  # the reply: the turn is saved right after it
+        for _ in range(600):  # wait for the save (atomic rename), then crash the process
+            if path.is_file():
+                break
+            time.sleep(0.1)
+        assert path.is_file() and (tmp_path / "chat.safetensors.lock").exists()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("second question\n"))
+    assert cli.main(["chat", "--model", str(tiny_adapter), "--session", str(path), "--max-new-tokens", "3"]) == 0
+    assert "resumed" in capsys.readouterr().err
+    with safe_open(str(path), framework="pt") as f:
+        assert '"turns": 2' in f.metadata()["extra"]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_smollm_dir, tmp_path_factory):
+    """A tiny converted model with a non-zero memory, saved as an adapter on the tiny base
+    (the SmolLM2 tokenizer and chat template: sessions need one)."""
+    base, _ = allmem.load_base(str(tiny_smollm_dir))
+    model = allmem.convert(base, allmem.AllMemConfig(window=16, sinks=2, chunk=8), base_name=str(tiny_smollm_dir))
+    randomise_memory(model, scale=0.2)
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return path

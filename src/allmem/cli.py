@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -136,11 +137,59 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _open_session(args, model, tokenizer):
+@contextlib.contextmanager
+def _session_file(path: str | None):
+    """Check --session before the model loads or any input is read, and hold it for the command.
+
+    Yields the saved state (an ``AllMemCache``, already checked: readable, unaltered, finite)
+    or None when the session is new. A second `allmem chat/read` on the same file at once would
+    lose turns (last writer wins), so the file is locked through ``<session>.lock``: an OS lock
+    (filelock), which the system releases when its process exits, so a crash never leaves the
+    session locked. The lock file itself stays behind, harmless.
+    """
+    if path is None:
+        yield None
+        return
+    from filelock import FileLock, Timeout
+
+    from .cache import AllMemCache, CacheFileError
+    from .session import SESSION_FORMAT, SessionError
+
+    path = Path(path)
+    fix = f"pass another --session path (or delete {path}) to start a new session"
+    if path.is_dir():
+        raise SessionError(f"--session {path} is a directory; give a file path such as {path / 'session.safetensors'}")
+    if path.exists() and not path.is_file():
+        raise SessionError(f"--session {path} is not a regular file; {fix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # where the session and its lock will be written
+        lock = FileLock(f"{path}.lock", timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise SessionError(f"another process holds the session {path} (lock {path}.lock); wait until it exits "
+                           "or pass another --session") from None
+    except OSError as exc:
+        raise SessionError(f"cannot create or lock --session {path} ({exc.strerror or exc}); pass a writable path") from None
+    try:
+        saved = None
+        if path.is_file():
+            try:
+                saved = AllMemCache.load(path)
+            except CacheFileError as exc:
+                raise SessionError(f"--session {path} {exc.problem}; {fix}") from None
+            if saved.metadata.get("session") != SESSION_FORMAT:
+                raise SessionError(f"--session {path} is an AllMem state but not a session file; {fix}")
+        yield saved
+    finally:
+        lock.release()
+
+
+def _open_session(args, model, tokenizer, saved):
+    """The session to continue: ``saved`` (from ``_session_file``) resumed, or a new one."""
     from .session import Session
 
-    if args.session and Path(args.session).is_file():
-        session = Session.load(args.session, model, tokenizer, segment=args.segment)
+    if saved is not None:
+        session = Session.resume(saved, args.session, model, tokenizer, segment=args.segment)
         print(f"[resumed {args.session}: {session.turns} turns, {session.tokens_read} tokens, "
               f"state {session.cache.nbytes() / 2**20:.2f} MiB]", file=sys.stderr)
         return session
@@ -162,28 +211,29 @@ def _answer(session, question: str, args) -> str:
 
 def cmd_chat(args) -> int:
     """Chat in one constant-size state; with --session it is saved after every turn."""
-    model, tokenizer = _load_model(args.model, args)
-    session = _open_session(args, model, tokenizer)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("[chat: /exit or Ctrl-D to leave" + (f"; saved to {args.session} after each turn]" if args.session else "]"),
-              file=sys.stderr)
-    while True:
+    with _session_file(args.session) as saved:
+        model, tokenizer = _load_model(args.model, args)
+        session = _open_session(args, model, tokenizer, saved)
+        interactive = sys.stdin.isatty()
         if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
-            break
-        if not line.strip():
-            continue
-        if not interactive:
-            print(f"you> {line.strip()}")
-        print("allmem> ", end="", flush=True)
-        _answer(session, line.strip(), args)
-        if args.session:
-            session.save(args.session)
-    print(f"[{session.turns} turns, {session.tokens_read} tokens, state {session.cache.nbytes() / 2**20:.2f} MiB]",
-          file=sys.stderr)
+            print("[chat: /exit or Ctrl-D to leave" + (f"; saved to {args.session} after each turn]" if args.session else "]"),
+                  file=sys.stderr)
+        while True:
+            if interactive:
+                print("you> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() == "/exit":
+                break
+            if not line.strip():
+                continue
+            if not interactive:
+                print(f"you> {line.strip()}")
+            print("allmem> ", end="", flush=True)
+            _answer(session, line.strip(), args)
+            if args.session:
+                session.save(args.session)
+        print(f"[{session.turns} turns, {session.tokens_read} tokens, state {session.cache.nbytes() / 2**20:.2f} MiB]",
+              file=sys.stderr)
     return 0
 
 
@@ -191,19 +241,22 @@ def cmd_read(args) -> int:
     """Stream a text file of any length into a saved state, then optionally ask about it."""
     from .streaming import resident_mib
 
-    model, tokenizer = _load_model(args.model, args)
-    session = _open_session(args, model, tokenizer)
-    t0 = time.perf_counter()
-    n = session.read_file(args.file, progress=not args.quiet)
-    elapsed = time.perf_counter() - t0
-    session.save(args.session)
-    print(f"read {n} tokens of {args.file} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.0f} tokens/s); "
-          f"state {session.cache.nbytes() / 2**20:.2f} MiB, RSS {resident_mib():.0f} MiB -> {args.session}",
-          file=sys.stderr)
-    for question in args.ask or []:
-        print(f"Q: {question}\nA: ", end="", flush=True)
-        _answer(session, question, args)
+    with _session_file(args.session) as saved:  # a bad --session fails before the model loads or FILE is read
+        if not Path(args.file).is_file():
+            raise FileNotFoundError(f"no text file at {args.file}")
+        model, tokenizer = _load_model(args.model, args)
+        session = _open_session(args, model, tokenizer, saved)
+        t0 = time.perf_counter()
+        n = session.read_file(args.file, progress=not args.quiet)
+        elapsed = time.perf_counter() - t0
         session.save(args.session)
+        print(f"read {n} tokens of {args.file} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.0f} tokens/s); "
+              f"state {session.cache.nbytes() / 2**20:.2f} MiB, RSS {resident_mib():.0f} MiB -> {args.session}",
+              file=sys.stderr)
+        for question in args.ask or []:
+            print(f"Q: {question}\nA: ", end="", flush=True)
+            _answer(session, question, args)
+            session.save(args.session)
     return 0
 
 
@@ -402,17 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .cache import CacheFileError
     from .config import ConfigError
     from .convert import UnsupportedModelError
     from .distill.data import DataError
     from .loading import EmbeddedModelNotInstalledError, HubUnreachableError
-    from .modeling import AdapterMismatchError
+    from .modeling import AdapterFileError, AdapterMismatchError
     from .session import SessionError
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
-            EmbeddedModelNotInstalledError, HubUnreachableError, DataError, SessionError) as exc:
+            EmbeddedModelNotInstalledError, HubUnreachableError, DataError, SessionError, CacheFileError,
+            AdapterFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

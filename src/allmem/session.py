@@ -200,7 +200,15 @@ class Session:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: AllMemForCausalLM, tokenizer, *, segment: int = 1024) -> "Session":
-        cache = AllMemCache.load(path, device=next(model.parameters()).device)
+        """Resume the session saved at ``path``; a damaged file raises ``cache.CacheFileError``."""
+        return cls.resume(AllMemCache.load(path), path, model, tokenizer, segment=segment)
+
+    @classmethod
+    def resume(cls, cache: AllMemCache, path: str | os.PathLike, model: AllMemForCausalLM, tokenizer, *,
+               segment: int = 1024) -> "Session":
+        """A session from a state already read from ``path`` (the CLI reads and checks the file
+        before the model loads, so a bad --session fails fast)."""
+        cache._map(lambda t: t.to(next(model.parameters()).device))
         meta = getattr(cache, "metadata", {})
         if meta.get("session") != SESSION_FORMAT:
             raise SessionError(f"{path} is an AllMem state but not a session file (save one with `allmem chat --session`"
@@ -212,6 +220,9 @@ class Session:
         if (cache.window, cache.sinks, cache.chunk) != (c.window, c.sinks, c.chunk):
             raise SessionError(f"{path} was saved with window/sinks/chunk {cache.window}/{cache.sinks}/{cache.chunk}, "
                                f"the model runs {c.window}/{c.sinks}/{c.chunk}")
+        if meta.get("phase") not in ("new", "open", "closed") or not all(
+                str(meta.get(k, "")).isdigit() for k in ("turns", "tokens_read")):
+            raise SessionError(f"{path} has incomplete session metadata (phase, turns, tokens_read); it cannot be resumed")
         session = cls(model, tokenizer, segment=segment)
         session.cache, session.phase = cache, meta["phase"]
         session.turns, session.tokens_read = int(meta["turns"]), int(meta["tokens_read"])
