@@ -264,9 +264,15 @@ def cmd_distill(args) -> int:
     from .distill.recipe import load_recipe
     from .distill.trainer import DistillTrainer
 
+    from .distill.trainer import TrainingDiverged
+
     recipe = load_recipe(args.recipe, args.overrides)
     trainer = DistillTrainer(recipe, resume=args.resume, progress=not args.quiet).setup()
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if trainer.accelerator.is_main_process:
         print(f"adapter: {trainer.out / 'adapter'}; metrics: {trainer.out / 'metrics.jsonl'}")
         if args.eval and trainer.heldout_samples:

@@ -43,8 +43,12 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict | str]]:
     if path.suffix not in (".jsonl", ".json"):
         yield 1, path.read_text(encoding="utf-8", errors="replace")
         return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -53,6 +57,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict | str]]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
+_CHAT_ROLES = ("system", "user", "assistant", "tool")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
           "model": "assistant", "bot": "assistant"}
 
@@ -66,9 +71,13 @@ def to_messages(record: dict | str, where: str) -> list[dict] | str:
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         msgs = record["messages"]
+        if not isinstance(msgs, list):
+            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise DataError(f"{where}: messages[{i}] needs 'role' and 'content'")
+            if m["role"] not in _CHAT_ROLES:
+                raise DataError(f"{where}: messages[{i}].role = {m['role']!r} is not one of {list(_CHAT_ROLES)}")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     if "conversations" in record:
         out = []
@@ -178,9 +187,14 @@ def file_samples(tokenizer, path: str | Path, max_len: int, limit: int | None = 
         if isinstance(item, str):
             out.append(text_sample(tokenizer, item, max_len, source=f"file/{Path(path).name}"))
         else:
+            if not any(m["role"] == "assistant" for m in item):
+                raise DataError(f"{path}:{lineno}: no assistant turn, so nothing to train on "
+                                "(chat data is scored on the assistant's replies; give plain text as {\"text\": ...})")
             out.append(chat_sample(tokenizer, item, max_len, source=f"file/{Path(path).name}"))
         if limit is not None and len(out) >= limit:
             break
+    if not out:
+        raise DataError(f"{path}: no records (the file is empty); give at least one chat or text record")
     return out
 
 

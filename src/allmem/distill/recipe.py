@@ -41,11 +41,44 @@ class TrainSettings:
     output_dir: str = "out/distill"
     teacher_cache: str | None = None
     teacher_topk: int = 64
+    max_bad_steps: int = 5
+    """A step whose loss or gradient is not finite is skipped (and logged); this many in a row
+    stop the run with an error, keeping the last good checkpoint."""
     init_adapter: str | None = None
     """Warm start: an adapter (shipped name or directory) loaded into the memory before step 0."""
     recall_prompts: int = 0
     """Held-out passkey / multi-key prompts whose recall margin is logged at every evaluation."""
     recall_length: int = 1024
+
+
+def _check_types(settings: TrainSettings) -> None:
+    """Every train setting has its declared type (YAML's ``true`` or ``2.5`` for ``steps`` is refused)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(TrainSettings)
+    for f in dataclasses.fields(settings):
+        value, hint = getattr(settings, f.name), hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = typing.get_args(hint) if union else (hint,)
+        ok = False
+        for kind in allowed:
+            kind = typing.get_origin(kind) or kind
+            if kind is type(None):
+                ok = ok or value is None
+            elif kind is float:
+                ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            elif kind is int:
+                ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+            elif kind is tuple:
+                ok = ok or (isinstance(value, (list, tuple)) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+            else:
+                ok = ok or isinstance(value, kind)
+        if not ok:
+            names = " or ".join("None" if k is type(None) else getattr(typing.get_origin(k) or k, "__name__", str(k))
+                                for k in allowed)
+            raise ConfigError(f"train.{f.name} must be {names}, got {value!r}")
 
 
 @dataclass
@@ -68,6 +101,7 @@ class Recipe:
             if unknown:
                 raise ConfigError(f"unknown train settings {unknown}; known: {sorted(known)}")
             self.train = TrainSettings(**self.train)
+        _check_types(self.train)
         self.allmem_config()  # validate early
         for key, bounds in self.randomize.items():
             if key not in ("window", "sinks", "chunk"):
@@ -94,6 +128,19 @@ class Recipe:
         t = self.train
         if t.steps <= 0 or t.micro_batch <= 0 or t.grad_accum <= 0:
             raise ConfigError("train.steps, train.micro_batch and train.grad_accum must be positive")
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)!r}")
+        for name in ("lr", "kl_chunk", "teacher_topk", "max_bad_steps"):
+            if not getattr(t, name) > 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)!r}")
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "lambda_kl", "lambda_ce", "save_every",
+                     "eval_every", "recall_prompts"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
+        if not 0 <= t.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction must lie in [0, 1], got {t.decay_fraction!r}")
+        if Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+            raise ConfigError(f"train.output_dir {t.output_dir!r} is a file; choose a directory")
         if t.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
 

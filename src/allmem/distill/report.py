@@ -14,28 +14,51 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return steps, evals
 
 
+def _running_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))]
+
+
 def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -> Path:
-    """Per-step KL (and its running mean over ``smooth`` steps), with the drawn window."""
+    """Per-step KL by data source (with running means over ``smooth`` steps of each source)
+    and the drawn window; when the run logged recall margins, a second panel with them
+    (AllMem over evaluations, SWA + sinks and full attention as references)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, _ = read_metrics(metrics)
-    xs = [r["step"] for r in steps]
-    kl = [r["kl"] for r in steps]
-    mean = [sum(kl[max(0, i - smooth + 1) : i + 1]) / len(kl[max(0, i - smooth + 1) : i + 1]) for i in range(len(kl))]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    ax.plot(xs, kl, ".", alpha=0.4, label="KL(teacher || student) per step")
-    ax.plot(xs, mean, "-", label=f"running mean ({smooth} steps)")
+    steps, evals = read_metrics(metrics)
+    margins = [(r["step"], r["eval"]) for r in evals if "margin_allmem" in r["eval"]]
+    fig, axes = plt.subplots(2 if margins else 1, 1, figsize=(8, 7.5 if margins else 4.2), squeeze=False)
+    ax = axes[0][0]
+    by_source: dict[str, list[dict]] = {}
+    for r in steps:
+        by_source.setdefault(r.get("source", "all"), []).append(r)
+    for source, rows in sorted(by_source.items()):
+        xs, kl = [r["step"] for r in rows], [r["kl"] for r in rows]
+        (line,) = ax.plot(xs, _running_mean(kl, smooth), "-", label=f"{source} (running mean, {smooth})")
+        ax.plot(xs, kl, ".", alpha=0.35, color=line.get_color())
     ax.set_xlabel("step")
-    ax.set_ylabel("nats / scored token")
+    ax.set_ylabel("KL(teacher || student), nats / scored token")
     ax.set_yscale("log")
     ax2 = ax.twinx()
-    ax2.plot(xs, [r.get("window", 0) for r in steps], "k:", alpha=0.3, label="window W drawn")
+    ax2.plot([r["step"] for r in steps], [r.get("window", 0) for r in steps], "k:", alpha=0.3, label="window W drawn")
     ax2.set_ylabel("window")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper right", fontsize=7)
     ax.grid(alpha=0.3)
+    if margins:
+        ax = axes[1][0]
+        xs = [s for s, _ in margins]
+        ax.plot(xs, [e["margin_allmem"] for _, e in margins], "o-", label="AllMem")
+        for key, label, style in (("margin_full", "full attention", "g--"), ("margin_swa", "SWA + sinks", "r--")):
+            if key in margins[-1][1]:
+                ax.axhline(margins[-1][1][key], linestyle="--", color=style[0], label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("recall margin, nats")
+        ax.set_title("held-out passkey / multi-key: log p(right) - log p(wrong answer of the same form)", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..modeling import AllMemForCausalLM
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
+from .data import DataError, Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
 from .losses import chunked_distill_loss, teacher_topk
 from .recipe import Recipe
 from .teacher_cache import TeacherCache
@@ -87,12 +87,18 @@ def build_samples(sources: list[dict], tokenizer, seed: int, split: str) -> list
     return samples
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
 @dataclass
 class StepResult:
     loss: float
     kl: float
     ce: float
     tokens: int
+    skipped: bool = False
+    """The loss or the gradient was not finite: no parameter moved."""
 
 
 class DistillTrainer:
@@ -100,6 +106,7 @@ class DistillTrainer:
         self.recipe, self.resume, self.progress = recipe, resume, progress
         self.out = Path(recipe.train.output_dir)
         self.step = 0
+        self.bad_in_a_row = 0  # consecutive skipped (non-finite) steps
 
     # -------------------------------------------------------------- setup
     def setup(self) -> "DistillTrainer":
@@ -141,6 +148,8 @@ class DistillTrainer:
     def _setup_data(self) -> None:
         r = self.recipe
         self.train_samples = build_samples(r.data, self.tokenizer, r.train.seed, "train")
+        if not any(any(s.loss_mask) for s in self.train_samples):
+            raise DataError("the training data has no scored tokens (no assistant turns, no text): nothing to train on")
         self.heldout_samples = build_samples(r.heldout, self.tokenizer, r.train.seed + 1000, "heldout")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.tokens_per_sample = sum(len(s) for s in self.train_samples) / max(1, len(self.train_samples))
@@ -258,9 +267,15 @@ class DistillTrainer:
             total = StepResult(total.loss + res.loss / t.grad_accum, total.kl + res.kl / t.grad_accum,
                                total.ce + res.ce / t.grad_accum, total.tokens + sum(len(s) for s in batch))
             sources.update(s.source for s in batch)
-        if t.grad_clip:
-            self.accelerator.clip_grad_norm_(list(self.params.values()), t.grad_clip)
-        self.optimizer.step()
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        finite = math.isfinite(total.loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+        if finite:
+            if t.grad_clip:
+                self.accelerator.clip_grad_norm_(list(self.params.values()), t.grad_clip)
+            self.optimizer.step()
+        else:  # skip the update; the schedule and the data position still advance (resume stays exact)
+            total.skipped = True
+            log.warning("step %d: non-finite loss or gradient (loss %s); update skipped", self.step + 1, total.loss)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -351,7 +366,14 @@ class DistillTrainer:
                 self._tb_writer = None
         return self._tb_writer
 
+    def _check_finite_params(self) -> None:
+        bad = [n for n, p in self.params.items() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingDiverged(f"{len(bad)} trainable tensors hold non-finite values (e.g. {bad[0]}) at step "
+                                   f"{self.step}; nothing was saved; lower train.lr and resume from the last checkpoint")
+
     def save(self) -> None:
+        self._check_finite_params()  # a checkpoint is never written with non-finite weights
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_checkpoint(self.out / "checkpoints", self.step, self.params, self.optimizer, self.scheduler,
@@ -376,7 +398,16 @@ class DistillTrainer:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{rate:.0f}", **{k[0].upper(): v for k, v in self.last_runtime.items()})
             self._log({"step": self.step, "loss": res.loss, "kl": res.kl, "ce": res.ce, "tokens": res.tokens,
-                       "source": self.last_sources, "tok_s": rate, "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **self.last_runtime})
+                       "source": self.last_sources, "skipped": res.skipped, "tok_s": rate,
+                       "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **self.last_runtime})
+            self.bad_in_a_row = self.bad_in_a_row + 1 if res.skipped else 0
+            if self.bad_in_a_row >= t.max_bad_steps:
+                bar.close()
+                last = latest_checkpoint(self.out / "checkpoints")
+                raise TrainingDiverged(
+                    f"the loss or gradient was non-finite for {self.bad_in_a_row} steps in a row (up to step {self.step}): "
+                    f"the run diverged; the last good checkpoint is {last or 'none'}; lower train.lr "
+                    "(or raise train.max_bad_steps) and resume with --resume")
             if t.save_every and self.step % t.save_every == 0:
                 self.save()
             if t.eval_every and self.heldout_samples and self.step % t.eval_every == 0:

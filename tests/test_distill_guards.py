@@ -1,0 +1,129 @@
+"""Distillation refuses broken input and broken runs: wrong recipe types, data that trains
+nothing, and a diverging run (non-finite steps are skipped, never saved, and stop the run)."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from allmem.config import ConfigError
+from allmem.distill.data import DataError, file_samples
+from allmem.distill.recipe import load_recipe
+from allmem.distill.trainer import DistillTrainer, TrainingDiverged
+from test_distill import tiny_recipe
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.steps=2.5", "train.steps must be int"),
+    ("train.steps=true", "train.steps must be int"),
+    ("train.lr=abc", "train.lr must be float"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("train.betas=[0.9]", "train.betas must be two numbers"),
+    ("train.kl_chunk=0", "train.kl_chunk must be > 0"),
+    ("train.decay_fraction=2", "decay_fraction"),
+    ("train.init_adapter=3", "train.init_adapter must be str or None"),
+])
+def test_recipe_overrides_with_wrong_types_or_ranges_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("smollm2-cpu", [override])
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_recipe("smollm2-cpu", [f"train.output_dir={tmp_path / 'file'}"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import allmem
+
+    return allmem.load_base("smollm2")[1]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', r":1: no assistant turn"),
+    ('{"text": "ok"}\n{"messages": [{"role": "narrator", "content": "hi"}]}\n', r":2: messages\[0\].role = 'narrator'"),
+    ("", "no records"),
+    ("\n\n", "no records"),
+])
+def test_data_that_trains_nothing_is_refused_naming_the_line(tmp_path, tokenizer, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        file_samples(tokenizer, path, 256)
+
+
+def test_invalid_utf8_names_the_line(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"data.jsonl:2: not valid UTF-8"):
+        file_samples(tokenizer, path, 256)
+
+
+def test_non_finite_steps_are_skipped_never_saved_and_stop_the_run(tiny_smollm_dir, tmp_path, monkeypatch):
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path, steps=12, **{"train.save_every": 1, "train.max_bad_steps": 3})
+    trainer = DistillTrainer(recipe, progress=False).setup()
+    real_loss_on = trainer.loss_on
+    calls = {"n": 0}
+
+    def loss_on(samples, model=None):
+        calls["n"] += 1
+        loss, res = real_loss_on(samples, model)
+        if calls["n"] > 2:  # from step 3 on the loss is NaN, as in a diverged run
+            loss = loss * float("nan")
+            res.loss = float("nan")
+        return loss, res
+
+    monkeypatch.setattr(trainer, "loss_on", loss_on)
+    after_two = None
+    with pytest.raises(TrainingDiverged, match="non-finite for 3 steps in a row"):
+        results = []
+        for _ in range(12):
+            results += trainer.train(stop_after=1)
+            if trainer.step == 2:
+                after_two = {n: p.detach().clone() for n, p in trainer.params.items()}
+    assert trainer.step == 5
+    for name, p in trainer.params.items():  # the skipped steps moved nothing
+        assert torch.equal(p, after_two[name]), name
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, False, True, True, True]
+    for path in (tmp_path / "checkpoints").glob("step-*"):
+        tensors = load_file(str(path / "trainable.safetensors"))
+        assert all(bool(torch.isfinite(t).all()) for t in tensors.values()), path
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tiny_smollm_dir, tmp_path):
+    trainer = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path, steps=2), progress=False).setup()
+    with torch.no_grad():
+        next(iter(trainer.params.values())).view(-1)[0] = math.inf
+    with pytest.raises(TrainingDiverged, match="non-finite values"):
+        trainer.save()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_reports_a_diverged_run_as_one_error_line(tiny_smollm_dir, tmp_path, monkeypatch, capsys):
+    from allmem import cli
+
+    def nan_loss(self, samples, model=None):
+        zero = sum(p.sum() for p in self.params.values()) * 0.0
+        from allmem.distill.trainer import StepResult
+
+        return zero * float("nan"), StepResult(float("nan"), float("nan"), float("nan"), 1)
+
+    monkeypatch.setattr(DistillTrainer, "loss_on", nan_loss)
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path, steps=10)
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    data = recipe.to_dict()
+    data["train"]["betas"] = list(data["train"]["betas"])
+    path.write_text(yaml.safe_dump(data))
+    rc = cli.main(["distill", "--recipe", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: the loss or gradient was non-finite for 5 steps"), err[-500:]
+    assert "Traceback" not in err
