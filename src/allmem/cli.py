@@ -262,9 +262,7 @@ def cmd_read(args) -> int:
 
 def cmd_distill(args) -> int:
     from .distill.recipe import load_recipe
-    from .distill.trainer import DistillTrainer
-
-    from .distill.trainer import TrainingDiverged
+    from .distill.trainer import DistillTrainer, TrainingDiverged
 
     recipe = load_recipe(args.recipe, args.overrides)
     trainer = DistillTrainer(recipe, resume=args.resume, progress=not args.quiet).setup()
