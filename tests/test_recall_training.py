@@ -174,3 +174,22 @@ def test_synthetic_suite_records_the_recall_margin_of_numeric_answers(tiny_smoll
         expected = logp(right) - logp(wrong)
     assert records["passkey"]["margin"] == pytest.approx(expected, abs=1e-3)
     assert result.margins["passkey"][300] == pytest.approx(expected, abs=1e-3)
+
+
+def test_warm_start_can_reset_the_control_heads_to_the_recipe(tiny_smollm_dir, tmp_path):
+    base = allmem.load_base(str(tiny_smollm_dir))[0]
+    donor = randomise_memory(allmem.convert(base, allmem.AllMemConfig(window=48, sinks=4, chunk=16)), seed=5)
+    donor.save_pretrained(tmp_path / "donor")
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path / "run", steps=1, **{
+        "train.init_adapter": str(tmp_path / "donor"), "train.reset_control_heads": True,
+        "allmem.base_lr": 0.3, "allmem.momentum_init": 0.9, "allmem.read_residual": False})
+    trainer = DistillTrainer(recipe, progress=False).setup()
+    x = torch.randn(4, trainer.model.config.hidden_size)
+    for name, p in trainer.params.items():
+        if ".eta_proj." in name or ".beta_proj." in name:
+            assert not torch.equal(p, donor.memory_parameters()[name]), name
+        else:
+            assert torch.equal(p, donor.memory_parameters()[name]), name
+    memory = trainer._unwrapped.model.layers[0].self_attn.memory
+    torch.testing.assert_close(F.softplus(memory.eta_proj(x)), torch.full((4, memory.heads), 0.3))
+    torch.testing.assert_close(torch.sigmoid(memory.beta_proj(x)), torch.full((4, memory.heads), 0.9))

@@ -46,6 +46,9 @@ class TrainSettings:
     stop the run with an error, keeping the last good checkpoint."""
     init_adapter: str | None = None
     """Warm start: an adapter (shipped name or directory) loaded into the memory before step 0."""
+    reset_control_heads: bool = False
+    """After the warm start, put the eta / beta heads back at the recipe's base_lr / momentum_init
+    (e.g. when the adapter's heads were learned under other inner-loop settings)."""
     recall_prompts: int = 0
     """Held-out passkey / multi-key prompts whose recall margin is logged at every evaluation."""
     recall_length: int = 1024

@@ -141,6 +141,9 @@ class DistillTrainer:
         if self.recipe.train.init_adapter:
             model.load_adapter(self.recipe.train.init_adapter)  # warm start; checks base and shapes
             log.info("warm start from adapter %s", self.recipe.train.init_adapter)
+            if self.recipe.train.reset_control_heads:
+                for layer in model.model.layers:
+                    layer.self_attn.memory.reset_control_heads(model.allmem_config)
         model.train()
         self.params = model.memory_parameters()
         self.model = model
