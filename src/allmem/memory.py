@@ -28,10 +28,11 @@ class RMSNorm(nn.Module):
         self.groups, self.eps = groups, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x32 = x.float().view(*shape[:-1], self.groups, shape[-1] // self.groups)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32.view(shape) * self.weight.float()).to(x.dtype)
+        # at least float32 (a bf16 mean of squares loses digits), float64 when the input is
+        shape, wide = x.shape, torch.promote_types(x.dtype, torch.float32)
+        xw = x.to(wide).view(*shape[:-1], self.groups, shape[-1] // self.groups)
+        xw = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xw.view(shape) * self.weight.to(wide)).to(x.dtype)
 
 
 @dataclass
