@@ -72,8 +72,12 @@ def convert(base: PreTrainedModel, config: AllMemConfig | None = None, *, base_n
         p.requires_grad_(False)
     reference = base.lm_head.weight
     model = AllMemForCausalLM(base, config, base_name=base_name)
+    # the trainable memory stays at least float32 on a bf16/fp16 base: in bf16 a weight near 1
+    # (a norm gain) cannot move by less than 2**-8, so Adam steps of lr 5e-4 would round away;
+    # the layer casts activations up for the memory and its output back down
+    memory_dtype = torch.promote_types(reference.dtype, torch.float32)
     for p in model.memory_parameters().values():
-        p.data = p.data.to(device=reference.device, dtype=reference.dtype)
+        p.data = p.data.to(device=reference.device, dtype=memory_dtype)
         p.requires_grad_(True)
     # the Mamba-2 baseline keeps Mamba-2's own initialisation: its x/B/C/dt projections have no
     # shape-compatible counterpart in the attention (N and H*P differ from the key/value widths)

@@ -105,12 +105,15 @@ class AllMemAttention(nn.Module):
         state = None if seg.states is None else seg.states[self.layer_idx]
         keep_state = seg.states is not None
         attn_out, window_state = self._window_attention(hidden_states, seg, state)
+        # the memory runs in its parameters' dtype: convert() keeps them float32 on a bf16 base
+        # (master weights a step of lr 5e-4 can move), so bf16 activations go up and come back down
+        mem_dtype = torch.promote_types(hidden_states.dtype, self.alpha.dtype)
         mem_out, memory_state = self.memory(
-            hidden_states, seg.seq_lens, None if state is None else state.memory, seg.config, keep_state
+            hidden_states.to(mem_dtype), seg.seq_lens, None if state is None else state.memory, seg.config, keep_state
         )
         if keep_state:
             seg.states[self.layer_idx] = LayerState(window_state, memory_state)
-        return attn_out + self.alpha.to(mem_out.dtype) * mem_out, None
+        return attn_out + (self.alpha.to(mem_out.dtype) * mem_out).to(attn_out.dtype), None
 
     # ---------------------------------------------------------------- window
     def _project(self, x: torch.Tensor):

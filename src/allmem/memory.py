@@ -92,6 +92,13 @@ def scatter_state(state: torch.Tensor, dim: int, index: torch.Tensor, new: torch
     return state.scatter(dim, index, new) if torch.is_grad_enabled() else state.scatter_(dim, index, new)
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the fast weights, momentum and buffered chunk: at least float32. In bf16
+    a write of eta * G (~1e-3 of a weight) rounds away or lands with a 1e-2 relative error,
+    and that error accumulates over every chunk, so the logits drift with position."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -139,11 +146,14 @@ class AllMemMemory(nn.Module):
         return FastWeights(self.w1_init, self.w2_init, self.w3_init)
 
     def empty_state(self, batch: int, chunk: int, device=None, dtype=None) -> MemoryState:
+        """A fresh state for ``batch`` rows; ``dtype`` is the activation dtype (the conv inputs);
+        weights, momentum and the chunk buffer are kept in ``state_dtype(dtype)``."""
         w0 = self.initial_weights()
         dtype = dtype or self.w1_init.dtype
+        wide = state_dtype(dtype)
         device = device or self.w1_init.device
-        weights = FastWeights(*(w.detach().to(dtype).unsqueeze(0).repeat(batch, 1, 1, 1) for w in w0))
-        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        weights = FastWeights(*(w.detach().to(wide).unsqueeze(0).repeat(batch, 1, 1, 1) for w in w0))
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=wide)  # noqa: E731
         return MemoryState(
             weights=weights,
             momentum=FastWeights(*(torch.zeros_like(w) for w in weights)),
@@ -152,7 +162,7 @@ class AllMemMemory(nn.Module):
             buffer_eta=zeros(batch, self.heads, chunk),
             buffer_beta=zeros(batch, self.heads, chunk),
             fill=torch.zeros(batch, dtype=torch.long, device=device),
-            conv=zeros(batch, self.conv_kernel - 1, 3 * self.width),
+            conv=torch.zeros(batch, self.conv_kernel - 1, 3 * self.width, device=device, dtype=dtype),
         )
 
     # --------------------------------------------------------------- forward
@@ -173,7 +183,8 @@ class AllMemMemory(nn.Module):
         if fresh:
             # training/one-shot prefill: read the learned initial weights in-graph
             state = self.empty_state(batch, chunk, x.device, x.dtype)
-            state.weights = FastWeights(*(w.unsqueeze(0).expand(batch, -1, -1, -1) for w in self.initial_weights()))
+            state.weights = FastWeights(*(w.to(state_dtype(x.dtype)).unsqueeze(0).expand(batch, -1, -1, -1)
+                                          for w in self.initial_weights()))
         elif state.buffer_k.shape[2] != chunk:
             raise ValueError(
                 f"the cache was built with chunk {state.buffer_k.shape[2]} but the model now uses chunk {chunk}; "
@@ -190,12 +201,18 @@ class AllMemMemory(nn.Module):
         v = self._heads(self._split(v))
         eta = (F.softplus(self.eta_proj(x)) * valid.unsqueeze(-1)).transpose(1, 2)  # [B, H, T]
         beta_logits = F.linear(x, self.beta_proj.weight).transpose(1, 2)  # [B, H, T]
-        norms = self._reference_norms(batch)
 
-        if length == 1 and bool((seq_lens == 1).all()) and not fresh:
-            o, new_state = self._decode_step(q, k, v, eta, beta_logits, state, norms, config)
-        else:
-            o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
+        # the read/write op runs in the state's dtype (float32 for bf16/fp16 activations), with
+        # autocast off so that its matmuls are not cast back down; the read returns to x.dtype
+        wide = state_dtype(x.dtype)
+        q, k, v, eta, beta_logits = (t.to(wide) for t in (q, k, v, eta, beta_logits))
+        norms = FastWeights(*(n.to(wide) for n in self._reference_norms(batch)))
+        with torch.autocast(x.device.type, enabled=False):
+            if length == 1 and bool((seq_lens == 1).all()) and not fresh:
+                o, new_state = self._decode_step(q, k, v, eta, beta_logits, state, norms, config)
+            else:
+                o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
+        o = o.to(x.dtype)
         if new_state is not None:
             new_state.conv = conv_state
 
@@ -233,8 +250,10 @@ class AllMemMemory(nn.Module):
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *t.shape[2:])  # [B, H, ...] -> [B*H, ...]
 
-    def _state_flat(self, state: MemoryState) -> TTTState:
-        return TTTState(FastWeights(*map(self._flat, state.weights)), FastWeights(*map(self._flat, state.momentum)))
+    def _state_flat(self, state: MemoryState, dtype: torch.dtype) -> TTTState:
+        # .to(dtype): a cache saved before the state was kept in float32 may hold bf16 weights
+        flat = lambda ws: FastWeights(*(self._flat(w).to(dtype) for w in ws))  # noqa: E731
+        return TTTState(flat(state.weights), flat(state.momentum))
 
     def _unflat(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         return t.view(batch, self.heads, *t.shape[1:])
@@ -246,7 +265,8 @@ class AllMemMemory(nn.Module):
         """One token per row: read, append to the partial chunk, write rows whose chunk filled."""
         batch = q.shape[0]
         chunk = config.chunk
-        o = swiglu_read(self._flat(q), FastWeights(*map(self._flat, state.weights)))  # [BH, 1, d]
+        flat_state = self._state_flat(state, q.dtype)
+        o = swiglu_read(self._flat(q), flat_state.weights)  # [BH, 1, d]
         if not config.read_residual:
             o = o - self._flat(q)
         buffer_k, buffer_v = _write_slot(state.buffer_k, k, state.fill), _write_slot(state.buffer_v, v, state.fill)
@@ -258,7 +278,7 @@ class AllMemMemory(nn.Module):
         if bool(full.any()):
             beta = self._beta(buffer_beta.sum(-1), chunk)  # [B, H]
             new = ttt_update(
-                self._state_flat(state), self._flat(buffer_k), self._flat(buffer_v), self._flat(buffer_eta),
+                flat_state, *(self._flat(b).to(q.dtype) for b in (buffer_k, buffer_v, buffer_eta)),
                 self._flat(beta), norms, loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
                 apply=full.repeat_interleave(self.heads), residual=config.read_residual,
             )
@@ -303,7 +323,7 @@ class AllMemMemory(nn.Module):
 
         o_c, final = chunk_ttt(
             self._flat(q_c), self._flat(k_c), self._flat(v_c), self._flat(eta_c), self._flat(beta),
-            self._state_flat(state), norms, chunk_size=chunk, loss=config.inner_loss, clip=config.clip,
+            self._state_flat(state, q.dtype), norms, chunk_size=chunk, loss=config.inner_loss, clip=config.clip,
             eps=config.norm_eps, update_mask=update_mask, residual=config.read_residual,
         )
         o = self._unflat(o_c, batch)
