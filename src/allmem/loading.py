@@ -432,8 +432,12 @@ def _from_pretrained(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # a directory with safetensors weights is read from them only: never a pickled .bin
+    # beside them (None lets a hub id or a .bin-only directory load as transformers decides)
+    local = Path(source)
+    safetensors_only = True if local.is_dir() and any(local.glob("*.safetensors")) else None
     model = AutoModelForCausalLM.from_pretrained(
-        str(source), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+        str(source), dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, use_safetensors=safetensors_only
     )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     return model, tokenizer

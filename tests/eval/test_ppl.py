@@ -171,3 +171,20 @@ def test_real_smollm2_swa_with_long_window_is_full_attention():
     with swa.model.original_attention() as base:  # the pretrained model, full attention
         direct = _direct_nll(lambda x: base(x).logits, ids)
     torch.testing.assert_close(swa.token_nlls(ids), direct, atol=2e-3, rtol=1e-3)
+
+
+def test_saved_nlls_are_safetensors_and_no_pickle_is_read(tmp_path, systems, monkeypatch):
+    """Per-window NLLs are written as safetensors; resume reads them without torch.load (no pickle)."""
+    from safetensors.torch import load_file
+
+    full = systems["full"]
+    run_ppl([full], tmp_path, lengths=[32], text=TEXT, docs=1, progress=False, plot=False)
+    files = sorted((tmp_path / "nll").iterdir())
+    assert [f.suffix for f in files] == [".safetensors"]
+    assert load_file(str(files[0]))["nll"].shape == (31,)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load on resume"))
+    monkeypatch.setattr(full, "token_nlls", lambda ids, **kw: pytest.fail("recomputed NLLs"))
+    run_ppl([full], tmp_path, lengths=[32], text=TEXT, docs=1, progress=False, plot=False)
+    files[0].write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="delete it and rerun"):
+        run_ppl([full], tmp_path, lengths=[32], text=TEXT, docs=1, progress=False, plot=False)

@@ -12,8 +12,9 @@ Texts: ``heldout`` (the corpus's held-out documents, joined; about 29k SmolLM2 t
 part of it), ``essays`` (all Paul Graham essays, about 150k tokens), ``stdlib`` (Python
 source files, never trained on; for windows past 29k tokens) or a text file.
 
-Per-window NLLs are saved under ``out_dir/nll/`` as they are computed, so a rerun (or adding a
-system) only computes what is missing. Outputs: ``ppl.json``, ``ppl.md``, ``ppl.png``.
+Per-window NLLs are saved under ``out_dir/nll/`` (safetensors, one tensor ``nll``) as they are
+computed, so a rerun (or adding a system) only computes what is missing. No pickle is read:
+a ``.pt`` left by an older version is ignored and its window scored again. Outputs: ``ppl.json``, ``ppl.md``, ``ppl.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .common import check_run_settings, format_table
 from .systems import System, load_system, parse_spec, slug
@@ -115,7 +117,14 @@ class PplResult:
 
 
 def _nll_path(out_dir: Path, system_name: str, length: int, index: int) -> Path:
-    return out_dir / "nll" / f"{slug(system_name)}__{length}__{index}.pt"
+    return out_dir / "nll" / f"{slug(system_name)}__{length}__{index}.safetensors"
+
+
+def _load_nll(path: Path) -> torch.Tensor:
+    try:
+        return load_file(str(path))["nll"]
+    except Exception as exc:  # truncated / foreign file: say which and how to recover
+        raise ValueError(f"{path} cannot be read ({exc}); delete it and rerun to score that window again") from exc
 
 
 def run_ppl(
@@ -175,7 +184,7 @@ def run_ppl(
             path = _nll_path(out_dir, name, n, i)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save(nll, tmp)
+            save_file({"nll": nll.contiguous().cpu()}, str(tmp))
             tmp.replace(path)
         bar.close()
         for n in lengths:
@@ -183,7 +192,7 @@ def run_ppl(
             sums = [[0.0, 0] for _ in buckets]
             everything = [0.0, 0]
             for i in range(docs):
-                nll = torch.load(_nll_path(out_dir, name, n, i))
+                nll = _load_nll(_nll_path(out_dir, name, n, i))
                 if nll.numel() != n - 1:
                     raise ValueError(f"{_nll_path(out_dir, name, n, i)} holds {nll.numel()} values, expected {n - 1}")
                 for acc, (s, c) in zip(sums, bucket_sums(nll, buckets)):
