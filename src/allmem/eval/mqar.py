@@ -446,13 +446,18 @@ def run_grid(mixers: Sequence[str], grid: Sequence[tuple[int, int]], cfg: ProbeC
     columns = [f"{length}:{pairs}" for length, pairs in grid]
     acc = {m: {} for m in mixers}
     loss = {m: {} for m in mixers}
+    steps = {m: {} for m in mixers}
     for r in chosen:
-        acc[r["mixer"]][f"{r['seq_len']}:{r['pairs']}"] = 100 * r["accuracy"]
-        loss[r["mixer"]][f"{r['seq_len']}:{r['pairs']}"] = r["loss"]
+        column = f"{r['seq_len']}:{r['pairs']}"
+        acc[r["mixer"]][column] = 100 * r["accuracy"]
+        loss[r["mixer"]][column] = r["loss"]
+        steps[r["mixer"]][column] = r["steps"]
     states = {r["mixer"]: r["state_floats_per_layer"] for r in chosen if r["mixer"] in ("allmem", "mamba2")}
     text = (f"# MQAR accuracy (%) on held-out examples, columns seq_len:pairs\n\n{_describe(cfg)}\n\n"
             + _table(acc, columns, "mixer") + "\nHeld-out loss (answer positions):\n\n"
             + _table(loss, columns, "mixer", "{:.3f}")
+            + "\nTraining steps run (the budget is wall time; a result keeps the budget it ran with):\n\n"
+            + _table(steps, columns, "mixer", "{:d}")
             + f"\nRecurrent state per layer (floats): {states}\n")
     (out / "mqar.md").write_text(text)
     if plot:
