@@ -12,6 +12,20 @@ POSITION_MODES = ("rolling", "absolute")
 INIT_MODES = ("attention", "random")
 INNER_LOSSES = ("mse", "dot")
 MEMORY_TYPES = ("ttt", "mamba2")
+MAX_TOKENS = 2**22
+"""Bound on window, sinks, chunk and swa_block: a ring of W keys is allocated per layer, so a
+typo such as 1e12 must fail here rather than as an out-of-memory error deep in a forward."""
+MAX_WIDTH = 2**16
+"""Bound on head counts, head widths, the SwiGLU expansion and the conv kernel."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON/YAML true is not 1
+
+
+def _is_number(value: Any) -> bool:
+    """A real finite number; "0.1" from a hand-edited JSON file is not one."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -80,8 +94,10 @@ class AllMemConfig:
 
         for name in ("window", "chunk"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(isinstance(self.sinks, int) and self.sinks >= 0, f"sinks must be an integer >= 0, got {self.sinks!r}")
+            need(_is_int(value) and 0 < value <= MAX_TOKENS,
+                 f"{name} must be a positive integer <= {MAX_TOKENS} (2**22 tokens), got {value!r}")
+        need(_is_int(self.sinks) and 0 <= self.sinks <= MAX_TOKENS,
+             f"sinks must be an integer >= 0 and <= {MAX_TOKENS} (2**22 tokens), got {self.sinks!r}")
         need(self.positions in POSITION_MODES, f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         need(self.init in INIT_MODES, f"init must be one of {INIT_MODES}, got {self.init!r}")
         need(self.memory_type in MEMORY_TYPES,
@@ -89,24 +105,29 @@ class AllMemConfig:
              f"baseline), got {self.memory_type!r}")
         for name in ("mamba_heads", "mamba_head_dim", "mamba_state"):
             value = getattr(self, name)
-            need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-                 f"{name} must be None or a positive integer, got {value!r}")
+            need(value is None or (_is_int(value) and 0 < value <= MAX_WIDTH),
+                 f"{name} must be None or a positive integer <= {MAX_WIDTH}, got {value!r}")
         need(self.inner_loss in INNER_LOSSES, f"inner_loss must be one of {INNER_LOSSES}, got {self.inner_loss!r}")
         for name in ("memory_heads", "memory_head_dim"):
             value = getattr(self, name)
-            need(value is None or (isinstance(value, int) and value > 0), f"{name} must be None or a positive integer, got {value!r}")
-        need(isinstance(self.expansion, int) and self.expansion >= 1, f"expansion must be an integer >= 1, got {self.expansion!r}")
-        need(isinstance(self.conv_kernel, int) and self.conv_kernel >= 0, f"conv_kernel must be an integer >= 0, got {self.conv_kernel!r}")
-        need(self.base_lr > 0 and math.isfinite(self.base_lr), f"base_lr must be a positive number, got {self.base_lr!r}")
-        need(0.0 < self.momentum_init < 1.0, f"momentum_init must lie strictly between 0 and 1, got {self.momentum_init!r}")
-        need(self.clip is None or self.clip > 0, f"clip must be None or > 0, got {self.clip!r}")
-        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
+            need(value is None or (_is_int(value) and 0 < value <= MAX_WIDTH),
+                 f"{name} must be None or a positive integer <= {MAX_WIDTH}, got {value!r}")
+        need(_is_int(self.expansion) and 1 <= self.expansion <= MAX_WIDTH,
+             f"expansion must be an integer >= 1 and <= {MAX_WIDTH}, got {self.expansion!r}")
+        need(_is_int(self.conv_kernel) and 0 <= self.conv_kernel <= MAX_WIDTH,
+             f"conv_kernel must be an integer >= 0 and <= {MAX_WIDTH}, got {self.conv_kernel!r}")
+        need(_is_number(self.base_lr) and self.base_lr > 0, f"base_lr must be a positive number, got {self.base_lr!r}")
+        need(_is_number(self.momentum_init) and 0.0 < self.momentum_init < 1.0,
+             f"momentum_init must lie strictly between 0 and 1, got {self.momentum_init!r}")
+        need(self.clip is None or (_is_number(self.clip) and self.clip > 0),
+             f"clip must be None or a number > 0, got {self.clip!r}")
+        need(_is_number(self.norm_eps) and self.norm_eps > 0, f"norm_eps must be a number > 0, got {self.norm_eps!r}")
         need(isinstance(self.read_residual, bool), f"read_residual must be True or False, got {self.read_residual!r}")
-        need(isinstance(self.qk_scale, (int, float)) and not isinstance(self.qk_scale, bool)
-             and self.qk_scale > 0 and math.isfinite(self.qk_scale),
+        need(_is_number(self.qk_scale) and self.qk_scale > 0,
              f"qk_scale must be a positive number, got {self.qk_scale!r}")
-        need(self.swa_block is None or (isinstance(self.swa_block, int) and self.swa_block > 0),
-             f"swa_block must be None or a positive integer, got {self.swa_block!r}")
+        need(self.swa_block is None or (_is_int(self.swa_block) and 0 < self.swa_block <= MAX_TOKENS),
+             f"swa_block must be None or a positive integer <= {MAX_TOKENS}, got {self.swa_block!r}")
+        need(isinstance(self.extra, dict), f"extra must be a mapping, got {type(self.extra).__name__}")
         if self.chunk > self.window:
             warnings.warn(
                 f"chunk ({self.chunk}) > window ({self.window}): a token older than the window but inside "

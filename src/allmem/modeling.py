@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import AllMemCache, first_non_finite
-from .config import AllMemConfig
+from .config import AllMemConfig, ConfigError
 from .layer import AllMemAttention, Segment
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -351,10 +351,20 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
 
 def adapter_dir(spec: str | os.PathLike) -> Path | None:
     """The adapter directory ``spec`` names (a shipped name or a directory with an adapter
-    config), or None when it names something else, such as a base model."""
+    config), or None when it names something else, such as a base model. A directory with
+    adapter weights but no config is refused (``AdapterFileError``): taken for a base model, it
+    would fail later with the base loader's message about a missing config.json."""
     if str(spec) in SHIPPED_ADAPTERS:
         return SHIPPED_ADAPTERS[str(spec)]
-    return Path(spec) if (Path(spec) / ADAPTER_CONFIG).is_file() else None
+    path = Path(spec)
+    if (path / ADAPTER_CONFIG).is_file():
+        return path
+    if (path / ADAPTER_WEIGHTS).is_file():
+        raise AdapterFileError(
+            f"{path} holds {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG}: the adapter is incomplete; copy its "
+            f"{ADAPTER_CONFIG} back beside the weights (or save the model again with save_pretrained)"
+        )
+    return None
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -365,10 +375,27 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"no AllMem adapter at {directory}: {ADAPTER_CONFIG} is missing (create one with "
             "`allmem convert ... --out DIR` or model.save_pretrained(DIR))"
         )
-    meta = json.loads(path.read_text())
+    fix = "restore it from the adapter's source or save the model again with save_pretrained"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"{path} holds a JSON {type(meta).__name__}, not an object; {fix}")
     if meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+        raise AdapterFileError(f"{path} has format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}; {fix}")
+    missing = [key for key, kind in _ADAPTER_FIELDS.items() if not isinstance(meta.get(key), kind)]
+    if missing:
+        raise AdapterFileError(f"{path} lacks {', '.join(missing)} (or holds the wrong type); {fix}")
+    try:  # the settings are checked here, before any base model is loaded
+        AllMemConfig.from_dict(meta["allmem"])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return meta
+
+
+# what every adapter config must hold (name -> JSON type); "dtype" is informational
+_ADAPTER_FIELDS = {"base": str, "base_signature": dict, "allmem": dict}
 
 
 def _alignment(real: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

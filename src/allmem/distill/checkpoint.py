@@ -17,6 +17,11 @@ from safetensors.torch import load_file, save_file
 LATEST = "latest"
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's trainable tensors do not fit the model being resumed (the recipe's memory
+    changed shape since it was written)."""
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -92,9 +97,18 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler) -> dict[str, Any]:
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "trainable.safetensors"))
-    missing = sorted(set(params) - set(tensors))
-    if missing:
-        raise ValueError(f"{path} does not match this model: missing {missing[:3]}")
+    # every name and shape is checked before any parameter is touched
+    fix = ("resume with the recipe that wrote it, or start a new run in another train.output_dir "
+           "(or move the checkpoints away)")
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointMismatchError(f"{path} does not match this model: missing {missing[:3]}, unexpected "
+                                      f"{unexpected[:3]}; {fix}")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise CheckpointMismatchError(
+                f"{path} does not match this model: {name} has shape {tuple(tensors[name].shape)} in the "
+                f"checkpoint but {tuple(p.shape)} in the model (the memory changed shape); {fix}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.dtype))
