@@ -89,6 +89,11 @@ def test_chunked_equals_token_loop(n, length, chunk, loss, expansion):
 def test_update_mask_and_zero_eta_leave_state_untouched():
     n, length, d, chunk = 4, 12, 5, 4
     q, k, v, eta, beta = make_inputs(n, length, d, chunk)
+    # tokens with eta = 0 (padding): a whole chunk of row 0, scattered tokens of row 3
+    silent = torch.zeros(n, length, dtype=torch.bool)
+    silent[0, 4:8] = True
+    silent[3, [1, 2, 9]] = True
+    eta = eta.masked_fill(silent, 0.0)
     w0 = random_weights(n, d, 1)
     state0 = TTTState(w0, FastWeights(*(torch.zeros_like(w) for w in w0)))
     mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False], [True, True, False]])
@@ -102,6 +107,44 @@ def test_update_mask_and_zero_eta_leave_state_untouched():
                        TTTState(FastWeights(*(w[1:2] for w in w0)), FastWeights(*(torch.zeros_like(w[1:2]) for w in w0))),
                        FastWeights(*(r[1:2] for r in row_norms(w0))), chunk_size=chunk)
     torch.testing.assert_close(state.weights.w3[1:2], one.weights.w3)
+
+    # a token with eta = 0 writes nothing: any key and value there give the same reads and state
+    g = torch.Generator().manual_seed(5)
+    k2 = torch.where(silent[..., None], torch.randn(k.shape, generator=g) * 10, k)
+    v2 = torch.where(silent[..., None], torch.randn(v.shape, generator=g) * 10, v)
+    for expansion in (1, 2):  # the stacked (e1) and the generic (e2) loop
+        w = random_weights(n, d, expansion)
+        start = TTTState(w, FastWeights(*(torch.zeros_like(x) for x in w)))
+        a = chunk_ttt(q, k, v, eta, beta, start, row_norms(w), chunk_size=chunk, update_mask=mask)
+        b = chunk_ttt(q, k2, v2, eta, beta, start, row_norms(w), chunk_size=chunk, update_mask=mask)
+        torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-12)
+        for x, y in zip((*b[1].weights, *b[1].momentum), (*a[1].weights, *a[1].momentum)):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+        # whereas the same change on tokens that do write moves the state (the check has teeth)
+        writes = ~silent & torch.arange(length)[None].lt(8)
+        k3 = torch.where(writes[..., None], torch.randn(k.shape, generator=g), k)
+        c = chunk_ttt(q, k3, v, eta, beta, start, row_norms(w), chunk_size=chunk, update_mask=mask)
+        assert (c[1].weights.w1 - a[1].weights.w1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("expansion", [1, 2], ids=["e1-stacked", "e2"])
+@pytest.mark.parametrize("loss", ["mse", "dot"])
+def test_no_clip_matches_the_reference_and_differs_from_clipping(loss, expansion):
+    """clip=None: the raw lr-weighted gradient is written, on both loops, as in the reference."""
+    n, length, d, chunk = 3, 21, 6, 5
+    q, k, v, eta, beta = make_inputs(n, length, d, chunk)
+    eta = eta * 4  # gradients well above the clip below
+    w0 = random_weights(n, d, expansion, scale=1.5)
+    momentum0 = FastWeights(*(0.01 * torch.randn_like(w) for w in w0))
+    norms = row_norms(w0)
+    o, state = chunk_ttt(q, k, v, eta, beta, TTTState(w0, momentum0), norms, chunk_size=chunk, loss=loss, clip=None)
+    o_ref, w_ref, m_ref = naive_ttt(q, k, v, eta, beta, w0, momentum0, norms, chunk_size=chunk, loss=loss, clip=None)
+    torch.testing.assert_close(o, o_ref)
+    for a, b in zip((*state.weights, *state.momentum), (*w_ref, *m_ref)):
+        torch.testing.assert_close(a, b)
+    # None is not the default tau = 1 in disguise: at 1 these gradients are clipped
+    _, clipped = chunk_ttt(q, k, v, eta, beta, TTTState(w0, momentum0), norms, chunk_size=chunk, loss=loss, clip=1.0)
+    assert (clipped.momentum.w2 - state.momentum.w2).abs().max() > 0.1
 
 
 def test_outer_gradients_match_reference():
