@@ -2,6 +2,7 @@
 real converted model: AllMemCache.nbytes(), memory_parameters() and torch's FLOP counter."""
 
 import argparse
+import dataclasses
 
 import pytest
 import torch
@@ -61,10 +62,12 @@ def test_cache_by_hand_and_growth():
     # full: 2 * L * H_kv * d_k * 2 bytes = 2*6*1*4*2 = 96; SWA: min(6, S + W = 3) tokens -> 48
     assert cost.cache_bytes(SMALL, 6, SMALL_SETTING, arch="full")["total"] == 96
     assert cost.cache_bytes(SMALL, 6, SMALL_SETTING, arch="swa")["total"] == 48
-    # AllMem: window 2*3*4*2 = 48; state (2*3*1*4*4 + 2*1*4*4 + 2*1*4 + 3*3*4) * 2 = (96+32+8+36)*2 = 344;
-    # index (3 + 1 + 1) * 8 = 40 -> 432
+    # AllMem: window 2*3*4*2 = 48; state, kept in float32 whatever the model dtype:
+    # (2*3*1*4*4 + 2*1*4*4 + 2*1*4 + 3*3*4) * 4 = (96+32+8+36)*4 = 688; index (3 + 1 + 1) * 8 = 40 -> 776
     assert cost.cache_bytes(SMALL, 6, SMALL_SETTING, arch="allmem") == {
-        "kv": 48, "memory_state": 344, "index": 40, "total": 432}
+        "kv": 48, "memory_state": 688, "index": 40, "total": 776}
+    assert cost.cache_bytes(SMALL, 6, dataclasses.replace(SMALL_SETTING, state_dtype_bytes=2),
+                            arch="allmem")["memory_state"] == 344
     qwen = cost.load_model_config("qwen3-0.6b")
     lengths = [4096 * 2**i for i in range(6)]
     full = [cost.cache_bytes(qwen, n, arch="full")["total"] for n in lengths]

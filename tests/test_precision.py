@@ -131,3 +131,14 @@ def test_bf16_memory_under_autocast_keeps_its_op_in_float32():
     assert all(g is not None and g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
     with torch.no_grad():
         torch.testing.assert_close(out.logits.float(), ref(x, use_cache=False).logits, atol=0.1, rtol=0)
+
+
+def test_bf16_cache_size_matches_the_cost_model():
+    """The state is float32 on a bf16 model; allmem.cost counts it so (b_s = max(b, 4))."""
+    from allmem import cost
+
+    model = allmem.convert(tiny_base("qwen3").to(torch.bfloat16), _CFG)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids(1, 44), cache=cache)
+    assert cache.nbytes() == cost.cache_bytes(model.config, 44, _CFG, dtype_bytes=2)["total"]

@@ -66,7 +66,8 @@ Cache bytes after L tokens (b = bytes per element, bi = bytes per index, batch 1
              + bi                                                          (tokens seen)
 
 AllMem's cache is allocated at full size on the first token and never changes (that is what
-``AllMemCache.nbytes()`` measures; b_s is the state dtype, the model dtype by default).
+``AllMemCache.nbytes()`` measures; b_s is the state dtype: the memory keeps its state in at least
+float32 whatever the model dtype, so b_s = max(b, 4) by default).
 
 Memory parameters per layer (what ``model.memory_parameters()`` holds):
 
@@ -309,7 +310,7 @@ def cache_bytes(
         kv = n * min(length, s.sinks + s.window) * per_token_kv
     else:
         heads, head_dim, width, feat, kernel = _memory_dims(m, s)
-        state_bytes = s.state_dtype_bytes or dtype_bytes
+        state_bytes = s.state_dtype_bytes or max(dtype_bytes, 4)  # the state is at least float32
         kv = n * (s.sinks + s.window) * per_token_kv
         elements = (2 * 3 * heads * feat * head_dim  # fast weights W1, W2, W3 and their momentum
                     + 2 * heads * s.chunk * head_dim  # partial chunk keys and values
