@@ -502,10 +502,11 @@ def run_sweep(variants: Sequence[str], grid: Sequence[tuple[int, int]], cfg: Pro
         jobs += [(mixer, p, run_cfg, variant or "default") for p in grid]
     chosen = _run_all(jobs, out / "sweep.json", progress, log)
     columns = [f"{length}:{pairs}" for length, pairs in grid]
-    rows: dict[str, dict[str, float]] = {}
-    for r in chosen:
-        rows.setdefault(r["label"], {})[f"{r['seq_len']}:{r['pairs']}"] = 100 * r["accuracy"]
-    text = (f"# MQAR sweep of the {mixer} mixer: accuracy (%), columns seq_len:pairs\n\nbase: {_describe(cfg)}\n\n"
-            + _table(rows, columns, "setting"))
+    rows: dict[str, dict[str, str]] = {}
+    for r in chosen:  # one cell per point: accuracy %, held-out loss, steps run
+        rows.setdefault(r["label"], {})[f"{r['seq_len']}:{r['pairs']}"] = \
+            f"{100 * r['accuracy']:.1f} / {r['loss']:.3f} / {r['steps']}"
+    text = (f"# MQAR sweep of the {mixer} mixer: accuracy (%) / held-out loss / steps, columns seq_len:pairs\n\n"
+            f"base: {_describe(cfg)}\n\n" + _table(rows, columns, "setting", "{}"))
     (out / "sweep.md").write_text(text)
     return chosen
