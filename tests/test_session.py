@@ -141,6 +141,8 @@ def test_a_session_refuses_another_model_or_a_plain_cache(tiny_adapter, tiny_smo
 
 
 def test_the_main_job_runs_end_to_end_and_writes_its_report(tiny_adapter, tmp_path):
+    from safetensors.torch import load_file
+
     from allmem.demo import DemoPlan, run_demo
     from allmem.eval.systems import slug
 
@@ -161,5 +163,6 @@ def test_the_main_job_runs_end_to_end_and_writes_its_report(tiny_adapter, tmp_pa
     assert report["ppl"]["AllMem"]["all"] != report["ppl"]["SWA + sinks"]["all"]
     # perplexity past position 512, straight from the saved per-token NLLs
     for name, value in report["ppl_beyond_512"].items():
-        (nll_file,) = (tmp_path / "ppl" / "nll").glob(f"{slug(name)}__700__0.pt")
-        assert value == pytest.approx(math.exp(float(torch.load(nll_file)[511:].double().mean())), abs=0.006)
+        (nll_file,) = (tmp_path / "ppl" / "nll").glob(f"{slug(name)}__700__0.safetensors")
+        nll = load_file(str(nll_file))["nll"]
+        assert value == pytest.approx(math.exp(float(nll[511:].double().mean())), abs=0.006)
