@@ -127,3 +127,18 @@ def test_cli_reports_a_diverged_run_as_one_error_line(tiny_smollm_dir, tmp_path,
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("error: the loss or gradient was non-finite for 5 steps"), err[-500:]
     assert "Traceback" not in err
+
+
+def test_loss_accepts_float32_hidden_states_with_a_bf16_head():
+    """Regression: under accelerate's bf16 mixed precision the model returns float32 hidden
+    states while a bf16 base keeps a bf16 LM head; the loss must project them in its dtype."""
+    from allmem.distill.losses import chunked_distill_loss
+
+    head = torch.nn.Linear(8, 11, bias=False).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g)
+    ids = torch.randint(0, 11, (1, 6), generator=g)
+    out = chunked_distill_loss(student.requires_grad_(), teacher, head, ids, torch.ones_like(ids), lambda_ce=0.5)
+    assert out.tokens == 5 and math.isfinite(float(out.loss.detach()))
+    out.loss.backward()
+    assert student.grad is not None and bool(torch.isfinite(student.grad).all())

@@ -83,11 +83,14 @@ def chunked_distill_loss(
         return DistillLoss(zero, 0.0, 0.0, 0)
     kl_total = student_hidden.new_zeros((), dtype=torch.float32)
     ce_total = student_hidden.new_zeros((), dtype=torch.float32)
+    # the head's own dtype: under accelerate's mixed precision the hidden states come back in
+    # float32 while a bf16 base keeps a bf16 head (outside autocast the matmul would refuse)
+    head_dtype = lm_head.weight.dtype
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
-        s_logits = lm_head(s_rows[sl])
+        s_logits = lm_head(s_rows[sl].to(head_dtype))
         with torch.no_grad():
-            t_logits = lm_head(t_rows[sl]) if t_rows is not None else None
+            t_logits = lm_head(t_rows[sl].to(head_dtype)) if t_rows is not None else None
         topk = None if teacher_topk is None else (teacher_topk[0][sl], teacher_topk[1][sl])
         kl, ce = kl_and_ce(s_logits, t_logits, y[sl], topk)
         kl_total, ce_total = kl_total + kl, ce_total + ce
@@ -103,7 +106,7 @@ def teacher_topk(teacher_hidden: torch.Tensor, lm_head: torch.nn.Module, loss_ma
     rows = teacher_hidden[scored_positions(loss_mask)]
     ids, logps = [], []
     for start in range(0, rows.shape[0], chunk):
-        logp = F.log_softmax(lm_head(rows[start : start + chunk]).float(), dim=-1)
+        logp = F.log_softmax(lm_head(rows[start : start + chunk].to(lm_head.weight.dtype)).float(), dim=-1)
         top = logp.topk(k, dim=-1)
         ids.append(top.indices.to(torch.int32))
         logps.append(top.values.to(torch.float16))
