@@ -21,3 +21,18 @@ def tiny_smollm_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_smollm_dir, tmp_path_factory):
+    """A tiny converted model with a non-zero memory, saved as an adapter on the tiny base
+    (the SmolLM2 tokenizer and chat template: sessions need one)."""
+    import allmem
+    from tiny_models import randomise_memory
+
+    base, _ = allmem.load_base(str(tiny_smollm_dir))
+    model = allmem.convert(base, allmem.AllMemConfig(window=16, sinks=2, chunk=8), base_name=str(tiny_smollm_dir))
+    randomise_memory(model, scale=0.2)
+    path = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(path)
+    return path

@@ -273,15 +273,3 @@ def test_a_crashed_chat_does_not_leave_its_session_locked(tiny_adapter, tmp_path
     assert "resumed" in capsys.readouterr().err
     with safe_open(str(path), framework="pt") as f:
         assert '"turns": 2' in f.metadata()["extra"]
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_smollm_dir, tmp_path_factory):
-    """A tiny converted model with a non-zero memory, saved as an adapter on the tiny base
-    (the SmolLM2 tokenizer and chat template: sessions need one)."""
-    base, _ = allmem.load_base(str(tiny_smollm_dir))
-    model = allmem.convert(base, allmem.AllMemConfig(window=16, sinks=2, chunk=8), base_name=str(tiny_smollm_dir))
-    randomise_memory(model, scale=0.2)
-    path = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(path)
-    return path

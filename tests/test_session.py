@@ -8,22 +8,10 @@ import sys
 
 import pytest
 import torch
-from tiny_models import randomise_memory
 
 import allmem
 from allmem.cli import main
 from allmem.session import Session, SessionError, TurnTemplate, iter_text_blocks
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tiny_smollm_dir, tmp_path_factory):
-    """A tiny converted model with a non-zero memory, saved as an adapter on the tiny base."""
-    base, _ = allmem.load_base(str(tiny_smollm_dir))
-    model = allmem.convert(base, allmem.AllMemConfig(window=16, sinks=2, chunk=8), base_name=str(tiny_smollm_dir))
-    randomise_memory(model, scale=0.2)
-    path = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(path)
-    return path
 
 
 def _model(adapter):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 from allmem.eval import mqar
-from allmem.eval.cli import register
 from allmem.eval.mqar import MIXERS, MQARError, ProbeConfig, multiquery_ar
+from test_eval_cli import run
 
 VOCAB = 512
 TINY = dict(d_model=64, head_dim=32, intermediate=64, vocab=64, window=16, chunk=8, steps=3, budget_s=60,
@@ -102,12 +101,6 @@ def test_every_mixer_trains_end_to_end_writes_outputs_and_resumes(tmp_path, monk
         mqar.run_grid(["allmem"], [(40, 4)], mqar.with_settings(cfg, {"base_lr": 0.5}), tmp_path, progress=False)
 
 
-def run(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="allmem")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(list(argv))
-    return args.func(args)
 
 
 def test_cli_sweep_runs_and_writes_the_table(tmp_path):
