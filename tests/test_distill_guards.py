@@ -142,3 +142,38 @@ def test_loss_accepts_float32_hidden_states_with_a_bf16_head():
     assert out.tokens == 5 and math.isfinite(float(out.loss.detach()))
     out.loss.backward()
     assert student.grad is not None and bool(torch.isfinite(student.grad).all())
+
+
+@pytest.mark.parametrize("name,text", [("bad.yaml", "train: [unclosed\n"), ("bad.toml", "train = = 1\n")])
+def test_a_recipe_that_is_not_valid_yaml_or_toml_is_one_error(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{name}: not valid"):
+        load_recipe(str(path))
+
+
+def test_saved_files_keep_the_users_normal_permissions(tmp_path, tiny_smollm_dir):
+    """Atomic saves go through tempfile (0600/0700); what lands must be what open/mkdir would
+    make under the user's umask (0644/0755 with umask 022), for adapters, states and checkpoints."""
+    import os
+
+    import allmem
+    from allmem.distill.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        model = allmem.convert(allmem.load_base(str(tiny_smollm_dir))[0], allmem.AllMemConfig(window=16, chunk=8))
+        model.save_pretrained(tmp_path / "adapter")
+        cache = model.new_cache()
+        model(torch.randint(0, 100, (1, 20)), cache=cache)
+        cache.save(tmp_path / "state.safetensors")
+        params = model.memory_parameters()
+        opt = torch.optim.AdamW(params.values())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        step_dir = save_checkpoint(tmp_path / "ckpt", 1, params, opt, sched, {})
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "adapter").iterdir(), tmp_path / "state.safetensors", *step_dir.iterdir()]
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
+    assert step_dir.stat().st_mode & 0o777 == 0o755

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .baselines.mamba2 import Mamba2State
+from .files import normal_permissions
 from .layer import LayerState, WindowState
 from .memory import MemoryState
 
@@ -143,6 +144,7 @@ class AllMemCache:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            normal_permissions(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

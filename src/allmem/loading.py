@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .files import normal_permissions
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -364,17 +366,9 @@ def _remove_stale_builds(cache_root: Path, name: str) -> None:
 
 
 def _apply_umask(directory: Path) -> None:
-    """Give the build the permissions a normal ``mkdir``/``open`` would have.
-
-    ``mkdtemp`` makes the directory private (0700) and safetensors writes 0600 files;
-    left as is, a cache shared through ``$ALLMEM_CACHE`` would be unreadable to others.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
+    """Give the build the permissions a normal ``mkdir``/``open`` would have (a cache shared
+    through ``$ALLMEM_CACHE`` must be readable to others)."""
+    normal_permissions(directory)
 
 
 def _publish(build_dir: Path, target: Path, stamp: dict[str, Any]) -> None:

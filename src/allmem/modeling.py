@@ -28,6 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import AllMemCache, first_non_finite
 from .config import AllMemConfig, ConfigError
+from .files import normal_permissions
 from .layer import AllMemAttention, Segment
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -313,6 +314,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             }
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
             target.mkdir(exist_ok=True)
+            normal_permissions(tmp)
             for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
                 os.replace(tmp / name, target / name)
         finally:

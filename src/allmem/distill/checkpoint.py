@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import normal_permissions
+
 LATEST = "latest"
 
 
@@ -65,6 +67,7 @@ def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
             **extra,
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_jsonable) + "\n")
+        normal_permissions(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

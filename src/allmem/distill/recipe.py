@@ -194,7 +194,11 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     text = path.read_text()
-    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'} ({first}); fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping")
     data = json.loads(json.dumps(data))  # plain containers

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import normal_permissions
 from .data import Sample
 
 
@@ -49,4 +50,5 @@ class TeacherCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         save_file({"index": index.contiguous().cpu(), "logp": logp.contiguous().cpu()}, tmp)
+        normal_permissions(tmp)
         os.replace(tmp, path)
