@@ -9,7 +9,6 @@ with the command, data, step count, tokens and SHA-256, and the loss curve.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,14 +16,6 @@ from pathlib import Path
 import torch
 
 MAX_MB = 40
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main() -> int:
@@ -41,6 +32,7 @@ def main() -> int:
 
     import allmem
     from allmem.distill.report import plot_loss_curve, read_metrics
+    from allmem.files import file_sha256
 
     model = allmem.from_pretrained(args.run / "adapter")
     model.save_pretrained(args.to, dtype=torch.bfloat16)
@@ -53,8 +45,7 @@ def main() -> int:
     hours = sum(r.get("elapsed_s", 0) for r in steps[-1:]) / 3600
     history = ""
     if args.warm_start is not None:
-        prior = json.loads((args.warm_start / "training.json").read_text()) if (args.warm_start / "training.json").is_file() \
-            else {"steps": 200, "tokens": 308_689, "hours": 1.36, "command": "allmem distill --recipe smollm2-cpu"}
+        prior = json.loads((args.warm_start / "training.json").read_text())
         shutil.copyfile(args.warm_start / "recipe.yaml", args.to / "warm-start-recipe.yaml.tmp")
         history = (f"Warm-started from an earlier adapter: {prior['steps']} steps, {prior['tokens']:,} tokens, "
                    f"{prior['hours']:.2f} h of `{prior['command']}` (its recipe: `warm-start-recipe.yaml`). ")
@@ -67,7 +58,7 @@ def main() -> int:
     (args.to / "training.json").write_text(json.dumps({**totals, "command": args.command, "this_run": {
         "steps": len(steps), "tokens": tokens, "hours": round(hours, 3)}}, indent=1) + "\n")
     plot_loss_curve(args.run / "metrics.jsonl", args.loss_png)
-    digest = sha256(weights)
+    digest = file_sha256(weights)
     n_params = sum(p.numel() for p in model.memory_parameters().values())
     cfg = model.allmem_config
     card = f"""# smollm2-allmem: the distilled memory of SmolLM2-135M-Instruct

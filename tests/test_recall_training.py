@@ -12,7 +12,7 @@ import allmem
 from allmem.config import ConfigError
 from allmem.distill.data import document_samples
 from allmem.distill.trainer import DistillTrainer, build_samples
-from allmem.eval.recall import allmem_logits_fn, corrupt_answer, margin_items, recall_margins
+from allmem.eval.recall import allmem_logits_fn, corrupt_answer, logits_logprob_fn, margin_items, recall_margins
 from allmem.tasks import RECALL_TASKS, make_example
 from test_distill import tiny_recipe
 from tiny_models import randomise_memory, tiny_base
@@ -103,7 +103,7 @@ def test_recall_margin_equals_the_log_prob_difference_from_full_logits():
             logp = F.log_softmax(model(ids, use_cache=False).logits[0].double(), -1)
         return sum(float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(answer))
 
-    got = recall_margins(allmem_logits_fn(model), [(prompt, right, wrong), (prompt, wrong, right)])
+    got = recall_margins(logits_logprob_fn(allmem_logits_fn(model)), [(prompt, right, wrong), (prompt, wrong, right)])
     expected = reference(right) - reference(wrong)
     assert got.margins[0] == pytest.approx(expected, abs=1e-4)
     assert got.margins[1] == pytest.approx(-expected, abs=1e-4)

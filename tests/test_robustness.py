@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import ids, randomise_memory, tiny_base
 
 import allmem
+import allmem.files as files
 import allmem.modeling as modeling
 from allmem import cli
 from allmem.cache import CacheFileError
@@ -157,10 +158,10 @@ def test_a_shipped_adapter_is_checked_against_its_sha256sums_once_per_process(tm
     weights = folder / "adapter.safetensors"
     (folder / "SHA256SUMS").write_text(f"{hashlib.sha256(weights.read_bytes()).hexdigest()}  adapter.safetensors\n")
     monkeypatch.setitem(modeling.SHIPPED_ADAPTERS, "tiny-shipped", folder)
-    monkeypatch.setattr(modeling, "_SHA256_SEEN", {})
+    monkeypatch.setattr(files, "_SHA256_SEEN", {})
     hashed = []
     real_sha256 = hashlib.sha256
-    monkeypatch.setattr(modeling.hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
+    monkeypatch.setattr(files.hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
 
     for _ in range(2):  # loaded by name twice: the file is hashed once
         allmem.from_pretrained("tiny-shipped", base=tiny_base("qwen3"))

@@ -1,4 +1,4 @@
-"""File permissions for what the package writes atomically.
+"""Files the package writes and checks: permissions of atomic writes, SHA-256 of files.
 
 Atomic writes go through ``tempfile`` (``mkstemp`` files are 0600, ``mkdtemp`` directories
 0700) and safetensors writes 0600 files; moved into place as they are, a user's adapters,
@@ -8,6 +8,7 @@ would let read them. These give them the permissions the user's umask would have
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -29,3 +30,21 @@ def normal_permissions(path: str | os.PathLike) -> None:
                 child.chmod(0o666 & ~mask)
     elif path.is_file():
         path.chmod(0o666 & ~mask)
+
+
+# (path, size, mtime_ns) -> SHA-256: each file is hashed once per process, again only if it changed
+_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (as ``sha256sum`` prints it), read in 1 MiB blocks."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_SEEN:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256_SEEN[key] = h.hexdigest()
+    return _SHA256_SEEN[key]

@@ -10,7 +10,6 @@ its own loop over the layers so that no L x L mask is ever built, and keeps ever
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import AllMemCache, first_non_finite
 from .config import AllMemConfig, ConfigError
-from .files import normal_permissions
+from .files import file_sha256, normal_permissions
 from .layer import AllMemAttention, Segment
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -45,22 +44,6 @@ class AdapterMismatchError(ValueError):
 
 class AdapterFileError(ValueError):
     """An adapter's weights are damaged: a SHA-256 mismatch with its SHA256SUMS, or NaN/Inf."""
-
-
-# (path, size, mtime_ns) -> SHA-256: each adapter file is hashed once per process, again only if it changed
-_SHA256_SEEN: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256_SEEN:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA256_SEEN[key] = h.hexdigest()
-    return _SHA256_SEEN[key]
 
 
 def verify_sha256sums(directory: Path, required: bool) -> None:

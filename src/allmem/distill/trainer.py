@@ -271,7 +271,9 @@ class DistillTrainer:
                                total.ce + res.ce / t.grad_accum, total.tokens + sum(len(s) for s in batch))
             sources.update(s.source for s in batch)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
-        finite = math.isfinite(total.loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+        # one device sync for all gradients (not one per tensor)
+        finite = math.isfinite(total.loss) and (
+            not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()))
         if finite:
             if t.grad_clip:
                 self.accelerator.clip_grad_norm_(list(self.params.values()), t.grad_clip)
@@ -323,23 +325,21 @@ class DistillTrainer:
         model.train()
         return out
 
-    @torch.no_grad()
     def recall_margin(self) -> dict[str, float]:
-        """Mean recall margin (nats) on the held-out probe; SWA + sinks and full attention are
-        measured once (they do not train)."""
+        """Mean recall margin (nats) on the held-out probe, inside ``evaluate`` (no grad, eval
+        mode, the recipe's runtime); SWA + sinks and full attention are measured once (they do
+        not train)."""
         if not self.recall_items:
             return {}
-        from ..eval.recall import allmem_logits_fn, full_attention_logits_fn, recall_margins, swa_logits_fn
+        from ..eval.recall import (allmem_logits_fn, full_attention_logits_fn, logits_logprob_fn, recall_margins,
+                                   swa_logits_fn)
 
         model = self._unwrapped
-        self._restore_runtime()
-        was_training = model.training
-        model.eval()
         if not self.reference_margins:
             for name, fn in (("full", full_attention_logits_fn), ("swa", swa_logits_fn)):
-                self.reference_margins[f"margin_{name}"] = recall_margins(fn(model), self.recall_items).mean
-        result = recall_margins(allmem_logits_fn(model), self.recall_items)
-        model.train(was_training)
+                self.reference_margins[f"margin_{name}"] = recall_margins(logits_logprob_fn(fn(model)),
+                                                                          self.recall_items).mean
+        result = recall_margins(logits_logprob_fn(allmem_logits_fn(model)), self.recall_items)
         return {"margin_allmem": result.mean, "margin_allmem_wins": result.wins, **self.reference_margins}
 
     # ---------------------------------------------------------------- loop

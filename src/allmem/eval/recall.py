@@ -55,12 +55,19 @@ class MarginResult:
         return sum(m > 0 for m in self.margins) / max(1, len(self.margins))
 
 
-def recall_margins(logits_fn: LogitsFn | None, items: Sequence[tuple[list[int], list[int], list[int]]], *,
-                   logprob_fn: LogProbFn | None = None) -> MarginResult:
-    """items: (prompt ids, right answer ids, wrong answer ids) -> margins in nats, scored by a
-    model forward (``logits_fn``) or any ``logprob_fn`` (e.g. an evaluation system's NLLs)."""
-    if logprob_fn is None:
-        logprob_fn = lambda prompt, answer: answer_logprob(logits_fn, prompt, answer)  # noqa: E731
+def logits_logprob_fn(logits_fn: LogitsFn) -> LogProbFn:
+    """log p(answer | prompt) from one model forward of prompt + answer."""
+    return lambda prompt, answer: answer_logprob(logits_fn, prompt, answer)
+
+
+def system_logprob_fn(system) -> LogProbFn:
+    """log p(answer | prompt) from an evaluation system's segment-wise token NLLs
+    (``allmem.eval.systems.System``: full attention, SWA + sinks or AllMem alike)."""
+    return lambda prompt, answer: -float(system.token_nlls(list(prompt) + list(answer))[-len(answer):].sum())
+
+
+def recall_margins(logprob_fn: LogProbFn, items: Sequence[tuple[list[int], list[int], list[int]]]) -> MarginResult:
+    """items: (prompt ids, right answer ids, wrong answer ids) -> margins in nats."""
     margins = []
     for prompt, right, wrong in items:
         if len(right) != len(wrong):
@@ -69,10 +76,15 @@ def recall_margins(logits_fn: LogitsFn | None, items: Sequence[tuple[list[int], 
     return MarginResult(margins)
 
 
-def system_logprob_fn(system) -> LogProbFn:
-    """log p(answer | prompt) from an evaluation system's segment-wise token NLLs
-    (``allmem.eval.systems.System``: full attention, SWA + sinks or AllMem alike)."""
-    return lambda prompt, answer: -float(system.token_nlls(list(prompt) + list(answer))[-len(answer):].sum())
+def answer_token_pair(tokenizer, answer: str, rng: random.Random, tries: int = 10) -> tuple[list[int], list[int]] | None:
+    """Token ids of ``answer`` and of a corrupted answer with as many tokens (a digit merge in
+    the tokenizer can change the count; then another corruption is drawn), or None."""
+    right = list(tokenizer(answer, add_special_tokens=False).input_ids)
+    for _ in range(tries):
+        wrong = list(tokenizer(corrupt_answer(answer, rng), add_special_tokens=False).input_ids)
+        if len(wrong) == len(right):
+            return right, wrong
+    return None
 
 
 def margin_items(tokenizer, examples, seed: int = 0, chat: bool = True) -> list[tuple[list[int], list[int], list[int]]]:
@@ -82,28 +94,30 @@ def margin_items(tokenizer, examples, seed: int = 0, chat: bool = True) -> list[
     items = []
     for ex in examples:
         answer = ex.answer.rstrip(".")
-        wrong = corrupt_answer(answer, rng)
         if chat and getattr(tokenizer, "chat_template", None):
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]
-            answer, wrong = answer.lstrip(), wrong.lstrip()
+            answer = answer.lstrip()
         else:
             prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids
-        right_ids = tokenizer(answer, add_special_tokens=False).input_ids
-        wrong_ids = tokenizer(wrong, add_special_tokens=False).input_ids
-        if len(right_ids) != len(wrong_ids):  # rare: a digit merge; try another wrong answer
-            for _ in range(10):
-                wrong_ids = tokenizer(corrupt_answer(answer, rng), add_special_tokens=False).input_ids
-                if len(wrong_ids) == len(right_ids):
-                    break
-            else:
-                continue
-        items.append((list(prompt), right_ids, wrong_ids))
+        pair = answer_token_pair(tokenizer, answer, rng)
+        if pair is not None:
+            items.append((list(prompt), *pair))
     return items
 
 
 def allmem_logits_fn(model) -> LogitsFn:
     return lambda ids, keep: model(ids, use_cache=False, logits_to_keep=keep).logits
+
+
+def swa_logits_fn(model) -> LogitsFn:
+    """The same model with the memory off: SWA + sinks."""
+
+    def run(ids: torch.Tensor, keep: int) -> torch.Tensor:
+        with model.memory_disabled():
+            return allmem_logits_fn(model)(ids, keep)
+
+    return run
 
 
 def full_attention_logits_fn(model) -> LogitsFn:
@@ -112,13 +126,5 @@ def full_attention_logits_fn(model) -> LogitsFn:
     def run(ids: torch.Tensor, keep: int) -> torch.Tensor:
         with model.original_attention() as base:
             return base(ids, logits_to_keep=keep).logits
-
-    return run
-
-
-def swa_logits_fn(model) -> LogitsFn:
-    def run(ids: torch.Tensor, keep: int) -> torch.Tensor:
-        with model.memory_disabled():
-            return model(ids, use_cache=False, logits_to_keep=keep).logits
 
     return run

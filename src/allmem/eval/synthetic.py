@@ -187,15 +187,12 @@ def prompt_text(system: Any, example: Any, chat: bool) -> str:
 
 def example_margin(system: Any, text: str, answer: str, rng: random.Random) -> float:
     """Recall margin (nats) of ``answer`` after the prompt ``text`` against a corrupted answer."""
-    from .recall import corrupt_answer, recall_margins, system_logprob_fn
+    from .recall import answer_token_pair, recall_margins, system_logprob_fn
 
-    prompt = system.encode(text)
-    right = system.tokenizer(" " + answer, add_special_tokens=False).input_ids
-    for _ in range(10):
-        wrong = system.tokenizer(" " + corrupt_answer(answer, rng), add_special_tokens=False).input_ids
-        if len(wrong) == len(right):
-            return recall_margins(None, [(prompt, right, wrong)], logprob_fn=system_logprob_fn(system)).mean
-    raise ValueError(f"no same-length wrong answer for {answer!r}")
+    pair = answer_token_pair(system.tokenizer, " " + answer, rng)
+    if pair is None:
+        raise ValueError(f"no same-length wrong answer for {answer!r}")
+    return recall_margins(system_logprob_fn(system), [(system.encode(text), *pair)]).mean
 
 
 def run_synthetic(
