@@ -2,7 +2,7 @@
 with the command, data, step count, tokens and SHA-256, and the loss curve.
 
     .venv/bin/python scripts/ship_adapter.py --run out/smollm2-cpu \
-        --recipe recipes/smollm2-cpu.yaml --command "allmem distill --recipe smollm2-cpu ..." \
+        --recipe src/allmem/recipes/smollm2-cpu.yaml --command "allmem distill --recipe smollm2-cpu ..." \
         --to src/allmem/adapters/smollm2-allmem
 """
 

@@ -178,7 +178,7 @@ def test_two_process_cpu_run_through_accelerate_launch(tiny_smollm_dir, tmp_path
     recipe.write_text(yaml.safe_dump(data))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29561",
+           str(REPO / "src/allmem/recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29561",
            "-m", "allmem.cli", "distill", "--recipe", str(recipe), "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -416,10 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_session_args(p, "session file to create or extend", required=True)
     p.set_defaults(func=cmd_read)
 
+    from .distill.recipe import RECIPE_DIR, builtin_recipes
+
     p = sub.add_parser("distill", help="train the memory by distillation from the original model",
                        description="Forward-KL distillation of the memory. Runs on one CPU as is; for several "
-                                   "GPUs run it under `accelerate launch --config_file recipes/accelerate/...`.")
-    p.add_argument("--recipe", required=True, help="built-in recipe name (smollm2-cpu, qwen3-0.6b, qwen3-1.7b) or a YAML/TOML file")
+                                   "GPUs run it under `accelerate launch --config_file CONFIG -m allmem.cli distill "
+                                   f"...` with a CONFIG from {RECIPE_DIR / 'accelerate'} (ddp-8gpu, "
+                                   "deepspeed-zero2, fsdp, cpu-2proc).")
+    p.add_argument("--recipe", required=True,
+                   help=f"built-in recipe name ({', '.join(builtin_recipes())}) or a YAML/TOML file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.add_argument("--eval", action="store_true", help="evaluate on the held-out split at the end")
     p.add_argument("--quiet", action="store_true")

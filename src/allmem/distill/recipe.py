@@ -13,7 +13,8 @@ import yaml
 
 from ..config import AllMemConfig, ConfigError
 
-RECIPE_DIR = Path(__file__).resolve().parents[3] / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+"""The built-in recipes (and accelerate configs under ``accelerate/``), shipped inside the package."""
 
 
 @dataclass
@@ -179,6 +180,11 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = _parse_value(value)
 
 
+def builtin_recipes() -> list[str]:
+    """Names of the recipes in ``RECIPE_DIR`` (what ``--recipe NAME`` accepts)."""
+    return sorted(p.stem for p in RECIPE_DIR.iterdir() if p.suffix in (".yaml", ".yml", ".toml"))
+
+
 def resolve_recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
@@ -187,8 +193,8 @@ def resolve_recipe_path(name_or_path: str) -> Path:
         candidate = RECIPE_DIR / f"{name_or_path}{suffix}"
         if candidate.is_file():
             return candidate
-    known = sorted(p.stem for p in RECIPE_DIR.glob("*.y*ml")) if RECIPE_DIR.is_dir() else []
-    raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not one of the built-in recipes {known}")
+    raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not one of the built-in recipes "
+                            f"{builtin_recipes()}")
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
