@@ -1,4 +1,4 @@
-"""Files the package writes and checks: permissions of atomic writes, SHA-256 of files.
+"""Files the package writes and checks: permissions of atomic writes, their temp files, SHA-256.
 
 Atomic writes go through ``tempfile`` (``mkstemp`` files are 0600, ``mkdtemp`` directories
 0700) and safetensors writes 0600 files; moved into place as they are, a user's adapters,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -48,3 +49,37 @@ def file_sha256(path: str | os.PathLike) -> str:
                 h.update(block)
         _SHA256_SEEN[key] = h.hexdigest()
     return _SHA256_SEEN[key]
+
+
+# Temp files of atomic writes carry the writer's PID, so that the next writer of the same
+# name can tell the leftovers of a killed save (its process is gone) from a save that is
+# still running in another process, and remove only the former.
+def temp_prefix(name: str) -> str:
+    """The ``tempfile`` prefix for an atomic write of ``name``: ``.{name}.{pid}.``"""
+    return f".{name}.{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike, name: str) -> list[Path]:
+    """Delete what killed atomic writes of ``name`` left in ``directory`` (files or folders made
+    with ``temp_prefix(name)`` by a process that no longer runs); returns what was removed."""
+    removed = []
+    for path in Path(directory).glob(f".{name}.*.*"):
+        pid = path.name[len(name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import normal_permissions
+from ..files import normal_permissions, remove_stale_temps, temp_prefix
 from .data import Sample
 
 
@@ -47,7 +47,8 @@ class TeacherCache:
     def put(self, sample: Sample, index: torch.Tensor, logp: torch.Tensor) -> None:
         path = self._path(sample)
         path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        remove_stale_temps(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
         os.close(fd)
         save_file({"index": index.contiguous().cpu(), "logp": logp.contiguous().cpu()}, tmp)
         normal_permissions(tmp)
