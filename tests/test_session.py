@@ -1,6 +1,7 @@
 """Sessions: one constant-size state across chat turns, saved and resumed exactly
 (`allmem chat --session`), and `allmem read FILE` in bounded memory."""
 
+import json
 import math
 import os
 import subprocess
@@ -150,7 +151,24 @@ def test_the_main_job_runs_end_to_end_and_writes_its_report(tiny_adapter, tmp_pa
     # the memory is on: AllMem and SWA + sinks differ
     assert report["ppl"]["AllMem"]["all"] != report["ppl"]["SWA + sinks"]["all"]
     # perplexity past position 512, straight from the saved per-token NLLs
+    nll = {name: load_file(str(tmp_path / "ppl" / "nll" / f"{slug(name)}__700__0.safetensors"))["nll"].double()
+           for name in report["ppl"]}
     for name, value in report["ppl_beyond_512"].items():
-        (nll_file,) = (tmp_path / "ppl" / "nll").glob(f"{slug(name)}__700__0.safetensors")
-        nll = load_file(str(nll_file))["nll"]
-        assert value == pytest.approx(math.exp(float(nll[511:].double().mean())), abs=0.006)
+        assert value == pytest.approx(math.exp(float(nll[name][511:].mean())), abs=0.006)
+    full, swa, mem = (report["ppl_beyond_512"][k] for k in ("full attention", "SWA + sinks", "AllMem"))
+    assert report["gap_closed_beyond_512"] == pytest.approx((swa - mem) / (swa - full))
+    # the three systems are one model: inside the window (16) SWA + sinks sees all that full
+    # attention sees, so their token NLLs agree there, and past it they must not
+    torch.testing.assert_close(nll["SWA + sinks"][:15], nll["full attention"][:15], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(nll["SWA + sinks"][100:], nll["full attention"][100:], atol=1e-3)
+    # the streamed state is what was saved: it resumes at the same token count and size, and the
+    # planted facts lie beyond the window
+    stream = report["stream"]
+    resumed = Session.load(tmp_path / "state.safetensors", *_model(tiny_adapter))
+    assert resumed.tokens_read == stream["tokens"] >= plan.stream_tokens
+    assert resumed.cache.nbytes() == stream["state_bytes"]
+    for answer in stream["answers"]:
+        assert answer["tokens_back"] > 16 and answer["correct"] == (answer["expected"].lower() in answer["answer"].lower())
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert {k: saved[k] for k in ("ppl", "passkey")} == json.loads(json.dumps({k: report[k] for k in ("ppl", "passkey")}))
+    assert all(0 <= score <= 100 for s in report["passkey"].values() for score in s["passkey"].values())
