@@ -155,6 +155,17 @@ def test_only_memory_trains_and_resume_reproduces_the_uninterrupted_run(tiny_smo
     assert (saved["window"], saved["sinks"], saved["chunk"]) == (recipe.window, recipe.sinks, recipe.chunk)
 
 
+def test_evaluation_reuses_the_teacher_and_swa_references_exactly(tiny_smollm_dir, tmp_path):
+    trainer = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path, steps=6), progress=False).setup()
+    first = trainer.evaluate()
+    trainer.train(stop_after=2)
+    cached = trainer.evaluate()
+    trainer.eval_references.clear()
+    fresh = trainer.evaluate()
+    assert cached == pytest.approx(fresh, rel=1e-6, abs=1e-9)
+    assert cached["swa_ppl"] == pytest.approx(first["swa_ppl"]) and cached["allmem_ppl"] != first["allmem_ppl"]
+
+
 def test_teacher_topk_cache_skips_the_teacher(tiny_smollm_dir, tmp_path):
     trainer = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "c", steps=2,
                                          **{"train.teacher_cache": str(tmp_path / "tc"), "train.teacher_topk": 16}),
@@ -211,7 +222,8 @@ def test_a_few_dozen_steps_of_the_cpu_recipe_lower_the_heldout_loss(tmp_path):
           f"AllMem {after['allmem_ppl']:.2f}, full {after['full_ppl']:.2f}")
     assert after["kl"] < before["kl"] - 0.002
     assert after["allmem_ppl"] < after["swa_ppl"]
-    assert after["swa_ppl"] == pytest.approx(before["swa_ppl"])  # the frozen base did not move
+    trainer.eval_references.clear()  # recomputed: the frozen base did not move
+    assert trainer.evaluate()["swa_ppl"] == pytest.approx(before["swa_ppl"])
 
 
 def test_generate_data_writes_on_policy_samples_and_resumes(tiny_smollm_dir, tmp_path):

@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cache import CacheFileError
     from .config import ConfigError
     from .convert import UnsupportedModelError
-    from .distill.checkpoint import CheckpointMismatchError
+    from .distill.checkpoint import CheckpointDamagedError, CheckpointMismatchError
     from .distill.data import DataError
     from .loading import EmbeddedModelNotInstalledError, HubUnreachableError
     from .modeling import AdapterFileError, AdapterMismatchError
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
             EmbeddedModelNotInstalledError, HubUnreachableError, DataError, SessionError, CacheFileError,
-            AdapterFileError, CheckpointMismatchError) as exc:
+            AdapterFileError, CheckpointMismatchError, CheckpointDamagedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling import AllMemForCausalLM
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .data import DataError, Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
 from .losses import chunked_distill_loss, teacher_topk
 from .recipe import Recipe
@@ -160,6 +160,7 @@ class DistillTrainer:
         self.teacher_cache = TeacherCache(t.teacher_cache, t.teacher_topk) if t.teacher_cache else None
         self.recall_items = self._recall_probe(t.recall_prompts, t.recall_length)
         self.reference_margins: dict[str, float] = {}
+        self.eval_references: list[tuple[torch.Tensor, float, float]] = []  # per held-out sample: teacher, SWA, full
         log.info("data: %d training samples (mean %.0f tokens), %d held out", len(self.train_samples),
                  self.tokens_per_sample, len(self.heldout_samples))
 
@@ -187,11 +188,11 @@ class DistillTrainer:
     def _maybe_resume(self) -> None:
         if not self.resume:
             return
-        path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
+        found = resume_checkpoint(self.out / "checkpoints", self.params, self.optimizer, self.scheduler)
+        if found is None:
             log.warning("--resume: no checkpoint under %s, starting from step 0", self.out / "checkpoints")
             return
-        meta = load_checkpoint(path, self.params, self.optimizer, self.scheduler)
+        path, meta = found
         self.step = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -296,26 +297,31 @@ class DistillTrainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out KL and perplexities at the recipe's own window/sinks/chunk: the trained
         model, the same model with the memory switched off (SWA + sinks), the full-attention
-        teacher. Tokens are the scored (response / all-text) tokens."""
+        teacher. Tokens are the scored (response / all-text) tokens. The teacher's hidden
+        states and the SWA and full-attention losses do not train: they are computed at the
+        first evaluation and reused."""
         model = self._unwrapped
         self._restore_runtime()
         model.eval()
         sums = {"kl": 0.0, "allmem_nll": 0.0, "swa_nll": 0.0, "full_nll": 0.0}
         tokens = 0
-        for sample in self.heldout_samples:
+        for i, sample in enumerate(self.heldout_samples):
             ids, attn, mask = (x.to(self.accelerator.device) for x in collate([sample], self.pad_id))
-            teacher = self._teacher_hidden(ids, attn)
+            if i == len(self.eval_references):
+                teacher = self._teacher_hidden(ids, attn)
+                with model.memory_disabled():
+                    swa = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
+                swa_ce = chunked_distill_loss(swa, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0).ce
+                full_ce = chunked_distill_loss(teacher, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0).ce
+                self.eval_references.append((teacher, swa_ce, full_ce))
+            teacher, swa_ce, full_ce = self.eval_references[i]
             student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
-            with model.memory_disabled():
-                swa = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
             res = chunked_distill_loss(student, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0)
-            swa_res = chunked_distill_loss(swa, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0)
-            full_res = chunked_distill_loss(teacher, teacher, model.lm_head, ids, mask, lambda_kl=1, lambda_ce=0)
             n = res.tokens
             sums["kl"] += res.kl * n
             sums["allmem_nll"] += res.ce * n
-            sums["swa_nll"] += swa_res.ce * n
-            sums["full_nll"] += full_res.ce * n
+            sums["swa_nll"] += swa_ce * n
+            sums["full_nll"] += full_ce * n
             tokens += n
         out = {k: v / max(tokens, 1) for k, v in sums.items()}
         for name in ("allmem", "swa", "full"):

@@ -1,0 +1,118 @@
+"""A save killed half-way loses nothing and leaves nothing behind: the next save removes the
+killed writer's temp files (never a live writer's), and ``--resume`` skips a damaged newest
+checkpoint for the one before it, saying so."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from allmem import cli
+from allmem.distill.checkpoint import CheckpointDamagedError, resume_checkpoint, save_checkpoint
+from allmem.distill.trainer import DistillTrainer
+from test_distill import tiny_recipe
+
+KILLED_MID_SAVE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch
+    import allmem.distill.checkpoint as checkpoint
+
+    write = checkpoint.save_file
+    def write_then_hang(tensors, path, *args, **kwargs):
+        write(tensors, path, *args, **kwargs)
+        print("half-written", flush=True)
+        time.sleep(600)
+
+    checkpoint.save_file = write_then_hang
+    params = {"w": torch.nn.Parameter(torch.ones(4096))}
+    optimizer = torch.optim.AdamW(params.values())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint.save_checkpoint(Path(sys.argv[1]), 1, params, optimizer, scheduler, {})
+""")
+
+
+def _hidden(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def _tiny_training_state():
+    params = {"w": torch.nn.Parameter(torch.ones(3))}
+    optimizer = torch.optim.AdamW(params.values())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return params, optimizer, scheduler
+
+
+def test_the_next_checkpoint_removes_what_a_killed_save_left_but_not_a_live_save(tmp_path):
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    assert writer.stdout.readline().strip() == "half-written"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert len(_hidden(tmp_path)) == 1, "the killed save should have left its temp folder"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        in_progress = tmp_path / f".checkpoint.{live.pid}.abc"  # another process, still saving
+        in_progress.mkdir()
+        save_checkpoint(tmp_path, 2, *_tiny_training_state(), {})
+        assert _hidden(tmp_path) == [in_progress.name]
+    finally:
+        live.kill()
+        live.wait()
+    assert (tmp_path / "step-000002" / "state.json").is_file()
+
+
+def test_resume_skips_a_truncated_newest_checkpoint_and_continues_exactly(tiny_smollm_dir, tmp_path, caplog):
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path, steps=6)
+    first = DistillTrainer(recipe, progress=False).setup()
+    losses = [r.loss for r in first.train(stop_after=4)]  # checkpoints at steps 2 and 4, then "killed"
+    newest = tmp_path / "checkpoints" / "step-000004" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="allmem.distill.checkpoint"):
+        resumed = DistillTrainer(recipe, resume=True, progress=False).setup()
+    assert resumed.step == 2
+    assert "step-000004" in caplog.text and "cannot be read" in caplog.text and "before it" in caplog.text
+    again = [r.loss for r in resumed.train(stop_after=2)]
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(losses[2:4]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "nan", "empty state", "missing file"])
+def test_resume_with_every_checkpoint_damaged_is_refused(tmp_path, damage):
+    params, optimizer, scheduler = _tiny_training_state()
+    path = save_checkpoint(tmp_path, 1, params, optimizer, scheduler, {})
+    target = path / "trainable.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:20])
+    elif damage == "nan":
+        from safetensors.torch import save_file
+        save_file({"w": torch.tensor([1.0, float("nan"), 1.0])}, str(target))
+    elif damage == "empty state":
+        (path / "state.json").write_text("")
+    else:
+        (path / "rng.safetensors").unlink()
+    before = params["w"].detach().clone()
+    with pytest.raises(CheckpointDamagedError, match="step-000001.*start over without --resume"):
+        resume_checkpoint(tmp_path, params, optimizer, scheduler)
+    assert torch.equal(params["w"], before)
+
+
+def test_cli_resume_of_a_damaged_run_is_one_error_line(tiny_smollm_dir, tmp_path, capsys):
+    common = [
+        f"base={tiny_smollm_dir}", f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "train.save_every=1",
+        "train.eval_every=0", "train.warmup_steps=1", "train.recall_prompts=0",
+        "data=[{source: text, count: 2, lengths: [64, 64]}]", "heldout=[]",
+        "randomize={}", "allmem.window=32", "allmem.chunk=16",
+    ]
+    assert cli.main(["distill", "--recipe", "smollm2-cpu", "--quiet", *common]) == 0
+    capsys.readouterr()
+    (tmp_path / "run" / "checkpoints" / "step-000001" / "optimizer.safetensors").write_bytes(b"")
+    assert cli.main(["distill", "--recipe", "smollm2-cpu", "--quiet", "--resume", *common, "train.steps=2"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "step-000001" in lines[0] and "start over" in lines[0], err
+    assert "Traceback" not in err
