@@ -147,7 +147,7 @@ def test_an_adapter_holding_nan_is_refused_before_any_parameter_changes(tmp_path
     target = allmem.convert(tiny_base("qwen3"), allmem.AllMemConfig(window=8, chunk=4))
     before = {n: p.detach().clone() for n, p in target.memory_parameters().items()}
     with pytest.raises(modeling.AdapterFileError, match=r"adapter\.safetensors holds NaN or Inf values \(in model\.layers\.0"):
-        target.load_adapter(tmp_path / "adapter")
+        target.load_memory_adapter(tmp_path / "adapter")
     assert all(torch.equal(p, before[n]) for n, p in target.memory_parameters().items())
 
 

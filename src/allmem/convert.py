@@ -104,7 +104,7 @@ def from_pretrained(
     if base is None:
         base, tokenizer = load_base(meta["base"], dtype=dtype, device=device)
     model = convert(base, AllMemConfig.from_dict(meta["allmem"]), base_name=meta["base"])
-    model.load_adapter(path)
+    model.load_memory_adapter(path)
     model.eval()
     if tokenizer is not None:
         model.tokenizer = tokenizer

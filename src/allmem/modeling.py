@@ -107,7 +107,10 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _is_stateful = True
-    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
+    # beam search reorders the cache's rows (AllMemCache.reorder_cache); assisted decoding
+    # is refused by transformers for stateful models (a recurrent state cannot roll back)
+    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE,
+                                   GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE]
 
     def __init__(self, base: PreTrainedModel, allmem_config: AllMemConfig, base_name: str | None = None):
         super().__init__(base.config)
@@ -138,6 +141,17 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must let forward create an AllMemCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # the only cache is the constant-size AllMemCache: a cache_implementation ("static",
+        # "offloaded", "quantized", ...) would otherwise be ignored with a misleading warning
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} cannot apply to an AllMem model: it "
+                "decodes with its own constant-size AllMemCache; leave cache_implementation unset (or pass "
+                "cache=model.new_cache())"
+            )
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -205,9 +219,21 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         """Like a Hugging Face causal LM. ``attention_mask`` [B, past + T] marks padding (left or
         right); ``position_ids`` are ignored: positions come from each row's real-token count.
         ``return_hidden=True`` skips the LM head and returns the final normed hidden states as
-        ``hidden_states`` (the distillation loss projects only the positions it scores)."""
+        ``hidden_states`` (the distillation loss projects only the positions it scores).
+        ``output_hidden_states=True`` returns transformers' tuple (the embeddings, each layer's
+        output, the last one normed); ``output_attentions`` raises: no attention matrix exists."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if kwargs.pop("output_attentions", None) or getattr(self.config, "output_attentions", False):
+            raise NotImplementedError(
+                "output_attentions is not available for an AllMem model: its sink + sliding-window attention runs "
+                "blocked and its memory has no attention weights, so no [T, T] attention matrix is ever built"
+            )
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        if not isinstance(output_hidden_states, bool):
+            raise ValueError(f"output_hidden_states must be True or False for an AllMem model, got {output_hidden_states!r}")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         batch, length, _ = inputs_embeds.shape
@@ -242,15 +268,23 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             states=cache.layers if cache is not None else None,
         )
         hidden = inputs_embeds
+        all_hidden = [hidden] if output_hidden_states else None
         for layer in self.model.layers:
             hidden = layer(hidden, allmem_segment=segment)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
         if padded:
             hidden = hidden.gather(1, inverse[..., None].expand_as(hidden))
+            if all_hidden is not None:
+                all_hidden = [h.gather(1, inverse[..., None].expand_as(h)) for h in all_hidden]
         if cache is not None:
             cache.seen = seen + seq_lens
             cache.columns += length
 
         hidden = self.model.norm(hidden)
+        hidden_states = None
+        if all_hidden is not None:  # as transformers' decoders: the last one is after the final norm
+            hidden_states = (*all_hidden[:-1], hidden)
         if return_hidden:
             return CausalLMOutputWithPast(hidden_states=hidden, cache=cache if use_cache else None)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -263,25 +297,57 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                      hidden_states=hidden_states)
 
     def _check_cache(self, cache: AllMemCache, batch: int) -> None:
         if not isinstance(cache, AllMemCache):
             raise TypeError(f"an AllMem model needs an AllMemCache (model.new_cache()), got {type(cache).__name__}")
+        cache.check_usable()
         cfg = self.allmem_config
         if (cache.window, cache.sinks, cache.chunk) != (cfg.window, cfg.sinks, cfg.chunk):
             raise ValueError(
                 f"the cache was built for window={cache.window}, sinks={cache.sinks}, chunk={cache.chunk} but the "
                 f"model runs window={cfg.window}, sinks={cfg.sinks}, chunk={cfg.chunk}; start a new cache"
             )
-        if cache.batch_size not in (0, batch):
+        if cache.batch_size not in (-1, batch):
             raise ValueError(f"the cache holds {cache.batch_size} sequences but the input has {batch}")
 
     # ------------------------------------------------------------ save/load
-    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,
-                        **_ignored: Any) -> None:
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
+                        base: PreTrainedModel | None = None, dtype: torch.dtype = torch.float32,
+                        device: str | None = None, **kwargs: Any) -> "AllMemForCausalLM":
+        """``allmem.from_pretrained`` under transformers' name: a shipped adapter's name (e.g.
+        "smollm2-allmem") or a directory written by ``save_pretrained``. The base its adapter
+        names is loaded as ``allmem.load_base`` resolves it (or ``base`` is used), converted with
+        the saved settings, and the adapter weights are loaded and verified. Other keyword
+        arguments of ``PreTrainedModel.from_pretrained`` raise rather than being ignored."""
+        if model_args or kwargs:
+            given = [repr(a) for a in model_args] + sorted(kwargs)
+            raise TypeError(
+                f"AllMemForCausalLM.from_pretrained got unsupported arguments {', '.join(given)}: it takes an adapter "
+                "name or directory and base=, dtype=, device= (the base model is loaded as its adapter config names it)"
+            )
+        from .convert import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, base=base, dtype=dtype, device=device)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, *,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
         """Write the adapter (memory parameters + config naming the base), atomically;
-        ``dtype`` (e.g. torch.bfloat16 to ship it at half size) casts the saved weights."""
+        ``dtype`` (e.g. torch.bfloat16 to ship it at half size) casts the saved weights;
+        ``is_main_process=False`` (other ranks of a distributed run) writes nothing. Other
+        options of ``PreTrainedModel.save_pretrained`` (``push_to_hub``, ``state_dict``,
+        ``max_shard_size``, ...) raise ``TypeError``: they would otherwise be silently ignored."""
+        if kwargs:
+            raise TypeError(
+                f"AllMemForCausalLM.save_pretrained does not support {', '.join(sorted(kwargs))}: it writes the adapter "
+                "(memory weights + allmem_config.json) to a local directory, with only dtype= and is_main_process=; "
+                "to publish it, upload that directory (e.g. huggingface_hub.upload_folder)"
+            )
+        if not is_main_process:
+            return
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -303,8 +369,9 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def load_adapter(self, directory: str | os.PathLike) -> None:
-        """Load adapter weights from a directory or a shipped adapter's name. Files listed in a
+    def load_memory_adapter(self, directory: str | os.PathLike) -> None:
+        """Load AllMem adapter weights (memory parameters and alpha) from a directory or a
+        shipped adapter's name; not PEFT's ``load_adapter``. Files listed in a
         SHA256SUMS beside them are verified (a shipped adapter must have one), and weights
         holding NaN/Inf are refused (``AdapterFileError``) before any parameter is touched."""
         shipped = str(directory) in SHIPPED_ADAPTERS

@@ -139,7 +139,7 @@ class DistillTrainer:
             model.supports_gradient_checkpointing = True
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.recipe.train.init_adapter:
-            model.load_adapter(self.recipe.train.init_adapter)  # warm start; checks base and shapes
+            model.load_memory_adapter(self.recipe.train.init_adapter)  # warm start; checks base and shapes
             log.info("warm start from adapter %s", self.recipe.train.init_adapter)
             if self.recipe.train.reset_control_heads:
                 for layer in model.model.layers:
