@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import allmem
 from allmem.config import ConfigError
 from allmem.distill.data import document_samples
+from allmem.distill.tasks import RECALL_TASKS, make_example
 from allmem.distill.trainer import DistillTrainer, build_samples
 from allmem.eval.recall import allmem_logits_fn, corrupt_answer, logits_logprob_fn, margin_items, recall_margins
-from allmem.tasks import RECALL_TASKS, make_example
 from test_distill import tiny_recipe
 from tiny_models import randomise_memory, tiny_base
 
@@ -158,7 +158,7 @@ def test_synthetic_suite_records_the_recall_margin_of_numeric_answers(tiny_smoll
     records = {r["task"]: r for r in map(json.loads, (tmp_path / "predictions.jsonl").read_text().splitlines())}
     assert "margin" not in records["niah_multivalue"]  # several gold answers: no single margin
     assert set(result.margins) == {"passkey"} and "Recall margin" in (tmp_path / "scores.md").read_text()
-    from allmem.tasks import make_synthetic_example
+    from allmem.eval.ruler import make_synthetic_example
     from allmem.eval.synthetic import Cell, prompt_text
 
     cell = Cell("passkey", 300, 0.5, 0)

@@ -301,7 +301,7 @@ def cmd_generate_data(args) -> int:
     from tqdm.auto import tqdm
 
     from .distill.data import read_records, to_messages
-    from .tasks import TASKS, make_example
+    from .distill.tasks import TASKS, make_example
 
     model, tokenizer = _load_model(args.model, args)
     prompts: list[list[dict]] = []

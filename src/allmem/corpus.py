@@ -13,11 +13,41 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 NOISE_SENTENCE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+# stands in for a wonderwords word list when the package is missing
+_FALLBACK_WORDS = {
+    "nounlist": ("apple", "river", "garden", "window", "pencil", "castle", "forest", "rocket", "violin", "lantern",
+                 "meadow", "harbor", "candle", "marble", "saddle", "bucket", "anchor", "ladder", "tunnel", "pepper"),
+    "adjectivelist": ("quiet", "bright", "hollow", "gentle", "rapid", "silver", "ancient", "brave", "clever", "dusty"),
+    "verblist": ("abide", "accept", "borrow", "carry", "divide", "enjoy", "follow", "gather", "hurry", "imagine"),
+}
+
+
+@lru_cache(maxsize=None)
+def word_list(name: str) -> tuple[str, ...]:
+    """The alphabetic words of the wonderwords package's ``assets/{name}.txt`` ("nounlist",
+    "adjectivelist" or "verblist"), in file order; a short built-in list without the package."""
+    if name not in _FALLBACK_WORDS:
+        raise ValueError(f"unknown word list {name!r}; choose from {sorted(_FALLBACK_WORDS)}")
+    try:
+        from importlib.resources import files
+
+        text = files("wonderwords").joinpath(f"assets/{name}.txt").read_text()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return _FALLBACK_WORDS[name]
+    words = tuple(w.strip() for w in text.splitlines() if w.strip().isalpha())
+    return words or _FALLBACK_WORDS[name]
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` with its whitespace folded, split after each ``.``, ``!`` or ``?``."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,16 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
+from allmem.distill.tasks import TASKS, make_example
 from allmem.eval import synthetic
+from allmem.eval.ruler import (
+    DEPTH_TASKS,
+    NIAH_CONFIGS,
+    RULER_TASKS,
+    SYNTHETIC_TASKS,
+    count_tokens,
+    make_synthetic_example,
+)
 from allmem.eval.synthetic import (
     Cell,
     passkey_score,
@@ -19,16 +28,6 @@ from allmem.eval.synthetic import (
     sample_score,
     string_match_all,
     string_match_part,
-)
-from allmem.tasks import (
-    DEPTH_TASKS,
-    NIAH_CONFIGS,
-    RULER_TASKS,
-    SYNTHETIC_TASKS,
-    TASKS,
-    count_tokens,
-    make_example,
-    make_synthetic_example,
 )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..corpus import documents
-from ..tasks import TASKS, make_example
+from .tasks import TASKS, make_example
 
 
 @dataclass

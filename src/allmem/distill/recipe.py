@@ -115,7 +115,7 @@ class Recipe:
         if not self.data:
             raise ConfigError("the recipe has no data sources (data: [...])")
         from ..corpus import TEXT_SOURCES
-        from ..tasks import TRAIN_TASKS
+        from .tasks import TRAIN_TASKS
 
         for i, src in enumerate(self.data + self.heldout):
             if src.get("source") not in ("tasks", "text", "file"):

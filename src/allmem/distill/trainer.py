@@ -167,7 +167,7 @@ class DistillTrainer:
     def _recall_probe(self, count: int, length: int):
         """Held-out passkey / multi-key prompts (answers far outside any trained window) for the recall margin."""
         from ..eval.recall import margin_items
-        from ..tasks import make_example
+        from .tasks import make_example
 
         rng = random.Random(f"{self.recipe.train.seed}-recall-probe")
         tasks = ("passkey", "niah_multikey")

@@ -244,13 +244,13 @@ def cmd_mqar(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``eval`` and its subcommands to an ``argparse`` subparsers object."""
-    from ..tasks import SYNTHETIC_TASKS
     from .infinitebench import SUBSETS as IB_SUBSETS
     from .infinitebench import TRUNCATE_LEN
     from .longbench import PAPER_SUBSETS
     from .lveval import LEVELS
     from .lveval import SUBSETS as LV_SUBSETS
     from .ppl import SOURCES
+    from .ruler import SYNTHETIC_TASKS
 
     ev = subparsers.add_parser(
         "eval", help="evaluate systems: long-context benchmarks, synthetic suite, perplexity, lm-eval tasks, MQAR probe",

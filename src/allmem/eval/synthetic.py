@@ -5,7 +5,7 @@ Run::
     result = run_synthetic(system, ["passkey", "niah_single_1"], lengths=[1024, 4096],
                            depths=[0.0, 0.5, 1.0], samples_per_cell=2, out_dir="runs/syn/full")
 
-Prompts come from ``allmem.tasks.make_synthetic_example`` (RULER's templates, needles and
+Prompts come from ``allmem.eval.ruler.make_synthetic_example`` (RULER's templates, needles and
 haystacks; lengths measured with the system's tokenizer). Each (task, length, depth, sample)
 is one deterministic example: its id names the cell and its random seed derives from the id,
 so a rerun regenerates the same prompt and an interrupted run resumes where it stopped
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..tasks import DEPTH_TASKS, MAX_NEW_TOKENS, SYNTHETIC_TASKS, TASK_METRIC, make_synthetic_example
 from .common import append_jsonl, check_run_settings, format_table, keep_ids, read_predictions
+from .ruler import DEPTH_TASKS, MAX_NEW_TOKENS, SYNTHETIC_TASKS, TASK_METRIC, make_synthetic_example
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PREDICTIONS = "predictions.jsonl"
