@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo lint test test-slow clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,10 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/allmem demo $(ARGS)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check src tests benchmarks scripts
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: setup

@@ -8,6 +8,7 @@ import torch
 
 import allmem
 from allmem import cli, loading
+
 MAX_TOKENS = 2**22  # the bound allmem.config.MAX_TOKENS puts on window, sinks and chunk
 from allmem.modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 

@@ -3,7 +3,6 @@ killed writer's temp files (never a live writer's), and ``--resume`` skips a dam
 checkpoint for the one before it, saying so."""
 
 import logging
-import os
 import signal
 import subprocess
 import sys

@@ -3,8 +3,6 @@ recurrence (values and gradients), the mixer against a naive row-by-row forward,
 parameter budget, and the converted model with memory_type="mamba2" (decode == prefill,
 segments, padding, constant cache, save/load, trainable parameters)."""
 
-import copy
-
 import pytest
 import torch
 

@@ -36,9 +36,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import ids, randomise_memory, tiny_base  # noqa: E402
-
 import allmem  # noqa: E402
+from tiny_models import ids, randomise_memory, tiny_base  # noqa: E402
 
 _CFG = allmem.AllMemConfig(window=32, sinks=4, chunk=16, base_lr=0.3)
 

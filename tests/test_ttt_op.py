@@ -7,7 +7,6 @@ from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms, swiglu_l
 from allmem.ops.ttt.naive import naive_ttt
 
 
-
 @pytest.fixture(autouse=True)
 def float64_by_default():
     """float64 for this module only (a module-level setting would leak into every test)."""

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from eval_fakes import FIXTURES
 
 

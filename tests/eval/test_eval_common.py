@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_fakes import CharTokenizer, WordTokenizer
 
 from allmem.eval.common import (
     DataFormatError,
@@ -18,6 +17,7 @@ from allmem.eval.common import (
     middle_truncate,
     read_predictions,
 )
+from eval_fakes import CharTokenizer, WordTokenizer
 
 
 def test_middle_truncate_keeps_both_ends():

@@ -31,7 +31,6 @@ from allmem.eval.metrics import (
 )
 
 
-
 def test_jieba_cuts_used_below():
     # The Chinese cases rely on these precise-mode cuts; if jieba's dictionary changes, the
     # failure shows here rather than as a puzzling number further down.

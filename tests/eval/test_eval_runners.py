@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_fakes import FIXTURES, CharTokenizer, ScriptedModel, chat
 
 from allmem.eval import infinitebench, longbench, lveval
 from allmem.eval.common import DataFormatError
-
+from eval_fakes import FIXTURES, CharTokenizer, ScriptedModel, chat
 
 BIG = 10**6  # a prompt budget no fixture reaches
 

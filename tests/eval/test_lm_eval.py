@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import lm_eval  # noqa: F401  (a test dependency, the eval extra: missing, the module fails rather than skips)
 import pytest
 import torch
 
-import lm_eval  # noqa: E402  (a test dependency: the eval extra)
-
-from allmem.eval.lm_eval_adapter import AllMemLM, simple_evaluate  # noqa: E402
-from allmem.eval.systems import load_system  # noqa: E402
+from allmem.eval.lm_eval_adapter import AllMemLM, simple_evaluate
+from allmem.eval.systems import load_system
 
 TASKS_DIR = Path(__file__).parent / "fixtures" / "lm_eval"
 
