@@ -41,7 +41,7 @@ PARAGRAPH = ("The history of the lighthouse begins with fires lit on hilltops to
 
 
 # ---------------------------------------------------------------- export (project venv)
-def export(out: Path, adapter: str = "smollm2-allmem") -> None:
+def export(out: Path, prompt_tokens=PROMPT_TOKENS, adapter: str = "smollm2-allmem") -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -64,7 +64,7 @@ def export(out: Path, adapter: str = "smollm2-allmem") -> None:
     tokenizer.save_pretrained(str(out))
     model.generation_config.save_pretrained(str(out))
     ids = []
-    for n in PROMPT_TOKENS:
+    for n in prompt_tokens:
         text = PARAGRAPH * (n // 40 + 2)
         ids.append(tokenizer(text).input_ids[:n])
     (out / "prompts.json").write_text(json.dumps(ids) + "\n")
@@ -140,6 +140,8 @@ def main() -> int:
     parser.add_argument("stage", choices=["export", "reference", "vllm", "all"])
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--max-new", type=int, default=24)
+    parser.add_argument("--prompt-tokens", default=",".join(map(str, PROMPT_TOKENS)),
+                        help="comma-separated prompt lengths (export stage)")
     parser.add_argument("--max-batched", type=int, default=256,
                         help="vLLM max_num_batched_tokens: below the longest prompt, so its prefill is chunked")
     parser.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
@@ -148,7 +150,7 @@ def main() -> int:
     if args.stage == "export":
         if args.dir.exists():
             shutil.rmtree(args.dir)
-        export(args.dir)
+        export(args.dir, [int(n) for n in args.prompt_tokens.split(",")])
         return 0
     if args.stage == "reference":
         reference(args.dir, args.max_new)
@@ -156,7 +158,7 @@ def main() -> int:
     if args.stage == "vllm":
         return run_vllm(args.dir, args.max_new, args.max_batched)
     me = str(Path(__file__).resolve())
-    common = ["--dir", str(args.dir), "--max-new", str(args.max_new)]
+    common = ["--dir", str(args.dir), "--max-new", str(args.max_new), "--prompt-tokens", args.prompt_tokens]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for python, stage, extra in ((args.project_python, "export", []), (args.project_python, "reference", []),
                                  (args.vllm_python, "vllm", ["--max-batched", str(args.max_batched)])):

@@ -180,7 +180,7 @@ class AllMemMixer(AllMemAttention, MambaBase):
         cfg = self.allmem_config
         if groups is None:  # no metadata (profiling/dummy run): one stateless sequence
             n = x.shape[0]
-            seg = _segment(cfg, self._rotary, torch.zeros(1, dtype=torch.long, device=x.device), n, None)
+            seg = _segment(cfg, self._vllm_rotary, torch.zeros(1, dtype=torch.long, device=x.device), n, None)
             return AllMemAttention.forward(self, x[None], allmem_segment=seg)[0][0]
         out = torch.zeros_like(x)
         for rows in groups:
@@ -235,7 +235,7 @@ class AllMemModel(nn.Module):
         self.norm = LlamaRMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(hf_config)
         for layer in self.layers:  # the mixers read the shared rotary table (not a submodule of theirs)
-            object.__setattr__(layer.self_attn, "_rotary", self.rotary_emb)
+            object.__setattr__(layer.self_attn, "_vllm_rotary", self.rotary_emb)
 
 
 class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
