@@ -222,13 +222,16 @@ def test_attention_initialisation_copies_keys_values_and_group_mean_queries():
     torch.testing.assert_close(memory.q_proj.weight[:16], (q[:16] + q[16:32]) / 2)
 
 
-@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+@pytest.mark.parametrize("family", [*sorted(TINY_FAMILIES), "gemma3"])
 @pytest.mark.parametrize("base_lr,momentum", [(0.1, 0.5), (0.5, 0.9)])
 def test_convert_keeps_the_memory_initialisation_of_the_spec(family, base_lr, momentum):
     """Regression: transformers' post_init re-initialised the new memory with the base
     family's _init_weights (eta bias 0 -> inner lr ~0.69 with token noise). After convert,
     every token's eta is base_lr and every chunk's beta is momentum_init."""
-    model = allmem.convert(tiny_base(family), allmem.AllMemConfig(init="random", base_lr=base_lr, momentum_init=momentum))
+    from test_gemma3 import tiny_gemma3
+
+    base = tiny_gemma3() if family == "gemma3" else tiny_base(family)
+    model = allmem.convert(base, allmem.AllMemConfig(init="random", base_lr=base_lr, momentum_init=momentum))
     x = torch.randn(3, 7, model.config.hidden_size)
     for i, layer in enumerate(model.model.layers):
         wrapper = layer.self_attn

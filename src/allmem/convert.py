@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from .config import AllMemConfig
 from .modeling import AllMemForCausalLM, read_adapter_config
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+# model_type names of a supported family: Gemma 3's text-only checkpoints are "gemma3_text"
+_FAMILY_OF = {**{name: name for name in SUPPORTED_FAMILIES}, "gemma3_text": "gemma3"}
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
 
 
@@ -18,12 +21,29 @@ class UnsupportedModelError(ValueError):
     """The base model's family has no conversion."""
 
 
+class _DefaultLayerTypeRotary(nn.Module):
+    """Gemma 3's rotary module needs a layer type (one table per type, rope theta 10k local and
+    1M global). The converted layers pass theirs; a call without one (the model's Segment
+    tables, unused by these layers) gets ``default``. The original forward passes it through."""
+
+    def __init__(self, rotary: nn.Module, default: str):
+        super().__init__()
+        self.rotary, self.default = rotary, default
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
+        return self.rotary(x, position_ids, layer_type or self.default)
+
+
+def _family(base: PreTrainedModel) -> str | None:
+    return _FAMILY_OF.get(getattr(base.config, "model_type", None))
+
+
 def _check_family(base: PreTrainedModel) -> None:
     model_type = getattr(base.config, "model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
+    if _family(base) is None:
         raise UnsupportedModelError(
             f"cannot convert model_type {model_type!r}: AllMem supports {', '.join(SUPPORTED_FAMILIES)} "
-            "(decoder-only models with rotary attention)"
+            "(decoder-only models with rotary attention; Gemma 3 as model_type gemma3 or gemma3_text)"
         )
     if isinstance(base, AllMemForCausalLM):
         raise UnsupportedModelError("this model is already an AllMem model")
@@ -36,6 +56,30 @@ def _check_family(base: PreTrainedModel) -> None:
         missing = [name for name in _ATTENTION_PARTS if not hasattr(layer.self_attn, name)]
         if missing:
             raise UnsupportedModelError(f"layer {i}'s attention lacks {missing}; it is not a standard {model_type} attention")
+    if _family(base) == "gemma3":
+        text = base.config.get_text_config()
+        # the converted layers compute plain softmax attention and the model applies no logit cap
+        for option in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(text, option, None) is not None:
+                raise UnsupportedModelError(f"{model_type} with {option}={getattr(text, option)} is not supported")
+        if getattr(text, "use_bidirectional_attention", False):
+            raise UnsupportedModelError(f"{model_type} with bidirectional attention is not a causal decoder")
+
+
+def _use_layer_types(model: AllMemForCausalLM) -> None:
+    """Gemma 3: 5 local layers (sliding window 512, rope theta 10k) per global one (full
+    attention, rope theta 1M). Each layer rotates with its own type's table; a local layer
+    stays the pretrained sliding-window attention, its window capped by the configured one
+    (the ring buffer holds that many keys) and no sinks; a global layer attends W + sinks. Every
+    layer carries a memory: the state has one layout for every layer, and the local layers are
+    where a token older than 512 is otherwise out of reach."""
+    rotary = model.model.rotary_emb
+    if not isinstance(rotary, _DefaultLayerTypeRotary):
+        rotary = _DefaultLayerTypeRotary(rotary, "full_attention")
+        model.model.rotary_emb = rotary
+    for layer in model.model.layers:
+        attn = layer.self_attn.attn
+        layer.self_attn.use_layer_type(rotary.rotary, attn.layer_type, attn.sliding_window)
 
 
 def init_memory_from_attention(model: AllMemForCausalLM) -> None:
@@ -72,6 +116,8 @@ def convert(base: PreTrainedModel, config: AllMemConfig | None = None, *, base_n
         p.requires_grad_(False)
     reference = base.lm_head.weight
     model = AllMemForCausalLM(base, config, base_name=base_name)
+    if _family(base) == "gemma3":
+        _use_layer_types(model)
     # the trainable memory stays at least float32 on a bf16/fp16 base: in bf16 a weight near 1
     # (a norm gain) cannot move by less than 2**-8, so Adam steps of lr 5e-4 would round away;
     # the layer casts activations up for the memory and its output back down

