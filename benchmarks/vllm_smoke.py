@@ -135,9 +135,135 @@ def run_vllm(directory: Path, max_new: int, max_batched: int) -> int:
     return 0 if ok else 1
 
 
+def bench(model_dir: str, batch: int, prompt_tokens: int, max_new: int, max_batched: int) -> None:
+    """Prefill time and decode tokens/s of ``batch`` concurrent random prompts on one engine;
+    works for an AllMem export and for a plain HF folder (vLLM's own full attention)."""
+    import random
+
+    import psutil
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from allmem.serving.vllm_plugin import register
+
+    register()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rng = random.Random(0)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000) for _ in range(prompt_tokens)])
+               for _ in range(batch)]
+    start = time.perf_counter()
+    llm = LLM(model=model_dir, enforce_eager=True, dtype="float32", max_model_len=prompt_tokens + max_new + 16,
+              max_num_batched_tokens=max_batched, max_num_seqs=batch, enable_prefix_caching=False, seed=0,
+              disable_log_stats=False)  # per-request timestamps (RequestOutput.metrics)
+    startup = time.perf_counter() - start
+    llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(temperature=0.0, max_tokens=2))
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    total = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == max_new for o in outs)
+    m = [o.metrics for o in outs]
+    # engine-core timestamps: prefill from the first scheduling to the last first token; decode
+    # from the last first token (all requests decoding together) to the last token
+    prefill = max(x.first_token_ts for x in m) - min(x.scheduled_ts for x in m)
+    decode_span = max(x.last_token_ts for x in m) - max(x.first_token_ts for x in m)
+    decode_tokens = sum(len([t for t in o.outputs[0].token_ids]) - 1 for o in outs)
+    rss = sum(p.memory_info().rss for p in psutil.Process().children(recursive=True)) + psutil.Process().memory_info().rss
+    print(json.dumps({"model": model_dir, "batch": batch, "prompt_tokens": prompt_tokens, "max_new": max_new,
+                      "startup_s": round(startup, 1), "prefill_s": round(prefill, 2), "total_s": round(total, 2),
+                      "decode_tok_s": round(decode_tokens / max(decode_span, 1e-9), 2),
+                      "rss_mib_all_processes": round(rss / 2**20)}))
+
+
+def server(directory: Path, vllm_python: str, max_new: int, port: int) -> int:
+    """Start ``vllm serve DIR`` (the OpenAI-compatible server; the plugin comes in through the
+    entry point), send the prompts concurrently as token ids to /v1/completions, compare with
+    reference.json, check that bad requests get HTTP errors and the engine survives, stop it."""
+    import signal
+    import threading
+    import urllib.error
+    import urllib.request
+
+    base = f"http://127.0.0.1:{port}"
+    vllm_bin = str(Path(vllm_python).parent / "vllm")
+    cmd = [vllm_bin, "serve", str(directory), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "2048", "--max-num-batched-tokens", "64",
+           "--served-model-name", "smollm2-allmem"]
+    log = open(directory / "server.log", "w")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def call(path: str, body: bytes | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        while True:
+            if proc.poll() is not None:
+                print(f"server exited with {proc.returncode}; see {directory / 'server.log'}")
+                return 1
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(2)
+        print(f"server: ready in {time.perf_counter() - start:.1f}s; /v1/models -> "
+              f"{[m['id'] for m in call('/v1/models')[1]['data']]}")
+        prompts = json.loads((directory / "prompts.json").read_text())
+        ref = json.loads((directory / "reference.json").read_text())
+        got: list = [None] * len(prompts)
+
+        def complete(i: int) -> None:
+            body = json.dumps({"model": "smollm2-allmem", "prompt": prompts[i], "max_tokens": max_new,
+                               "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}).encode()
+            got[i] = call("/v1/completions", body)
+
+        threads = [threading.Thread(target=complete, args=(i,)) for i in range(len(prompts))]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(f"server: {len(prompts)} concurrent completions in {time.perf_counter() - start:.1f}s")
+        ok = True
+        for i, (status, body) in enumerate(got):
+            choice = body.get("choices", [{}])[0] if status == 200 else {}
+            ids = choice.get("token_ids")
+            same = ids == ref[i][:max_new]
+            ok &= same
+            print(f"  prompt {i} ({len(prompts[i])} tokens): HTTP {status} "
+                  f"{'IDENTICAL' if same else 'DIFFER'} {choice.get('text', body)!r:.80}")
+        too_long = json.dumps({"model": "smollm2-allmem", "prompt": [5] * 3000, "max_tokens": 4}).encode()
+        unknown = json.dumps({"model": "nope", "prompt": "hi", "max_tokens": 4}).encode()
+        for name, body in (("too long", too_long), ("unknown model", unknown), ("malformed JSON", b"{not json")):
+            print(f"  {name}: HTTP {call('/v1/completions', body)[0]}")
+        status, body = call("/v1/chat/completions", json.dumps({
+            "model": "smollm2-allmem", "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 8, "temperature": 0.0}).encode())
+        print(f"  chat: HTTP {status} {body.get('choices', [{}])[0].get('message', {}).get('content', body)!r:.80}")
+        print("SERVER IDENTICAL" if ok else "SERVER MISMATCH")
+        return 0 if ok else 1
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["export", "reference", "vllm", "all"])
+    parser.add_argument("stage", choices=["export", "reference", "vllm", "all", "bench", "server"])
+    parser.add_argument("--port", type=int, default=8011, help="server: port on 127.0.0.1")
+    parser.add_argument("--model-dir", help="bench: the folder vLLM loads (default --dir)")
+    parser.add_argument("--batch", type=int, default=4, help="bench: concurrent requests")
+    parser.add_argument("--bench-tokens", type=int, default=2048, help="bench: tokens per prompt")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     parser.add_argument("--max-new", type=int, default=24)
     parser.add_argument("--prompt-tokens", default=",".join(map(str, PROMPT_TOKENS)),
@@ -154,6 +280,11 @@ def main() -> int:
         return 0
     if args.stage == "reference":
         reference(args.dir, args.max_new)
+        return 0
+    if args.stage == "server":
+        return server(args.dir, args.vllm_python, args.max_new, args.port)
+    if args.stage == "bench":
+        bench(args.model_dir or str(args.dir), args.batch, args.bench_tokens, args.max_new, args.max_batched)
         return 0
     if args.stage == "vllm":
         return run_vllm(args.dir, args.max_new, args.max_batched)
