@@ -231,3 +231,56 @@ def test_from_pretrained_of_the_shipped_adapter_equals_the_short_form():
     x = short.tokenizer("The memory reads what the window forgot. " * 20, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(x).logits, short(x).logits)
+
+
+# --------------------------------------------------------------------------- Auto classes
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # tied and untied LM head
+def test_an_exported_checkpoint_loads_with_the_auto_classes(family, tmp_path):
+    model = quiet(randomise_memory(allmem.convert(tiny_base(family), allmem.AllMemConfig(window=8, sinks=2, chunk=4)),
+                                   scale=0.2).eval())
+    model.export_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(config, allmem.AllMemPretrainedConfig) and config.model_type == "allmem"
+    assert config.architectures == ["AllMemForCausalLM"] and config.base_model_type == family
+    fields = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert fields(config.base_model_config()) == fields(model.config)  # the base's config, flat
+    assert config.num_key_value_heads == model.config.num_key_value_heads and config.allmem["window"] == 8
+    x = ids(2, 30)  # beyond the window: the memory weights matter
+    with torch.no_grad():
+        expected = model(x).logits
+        expected_tokens = model.generate(x, max_new_tokens=5, do_sample=False)
+        for loaded in (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"),
+                       AllMemForCausalLM.from_pretrained(tmp_path / "ckpt"),
+                       allmem.from_pretrained(tmp_path / "ckpt")):
+            assert type(loaded) is AllMemForCausalLM and loaded.allmem_config == model.allmem_config
+            assert torch.equal(loaded(x).logits, expected)
+            assert torch.equal(loaded.generate(x, max_new_tokens=5, do_sample=False), expected_tokens)
+            assert set(n for n, p in loaded.named_parameters() if p.requires_grad) == set(model.memory_parameters())
+        half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+        assert half.lm_head.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in half.memory_parameters().values())
+    tied = family == "llama"
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+
+
+def test_an_exported_checkpoint_keeps_the_tokenizer_and_refuses_damage(tiny_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = allmem.from_pretrained(tiny_adapter)
+    model.export_pretrained(tmp_path / "ckpt")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.tokenizer("hello").input_ids == model.tokenizer("hello").input_ids
+    assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
+    with pytest.raises(ValueError, match="self-contained checkpoint"):
+        allmem.from_pretrained(tmp_path / "ckpt", base=tiny_base("qwen3"))
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith(".alpha"))
+    save_file({**tensors, name: torch.full_like(tensors[name], float("nan"))}, weights)
+    with pytest.raises(allmem.modeling.AdapterFileError, match="NaN or Inf"):
+        AllMemForCausalLM.from_pretrained(tmp_path / "ckpt")
+    save_file({n: t for n, t in tensors.items() if n != name}, weights)
+    with pytest.raises(allmem.AdapterMismatchError, match="does not fit its config.json: missing"):
+        AllMemForCausalLM.from_pretrained(tmp_path / "ckpt")

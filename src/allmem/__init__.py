@@ -4,7 +4,7 @@ converted from any pretrained decoder-only LLM."""
 from .cache import AllMemCache
 from .config import AllMemConfig, ConfigError
 from .convert import SUPPORTED_FAMILIES, UnsupportedModelError, convert, from_pretrained
-from .modeling import AdapterMismatchError, AllMemForCausalLM
+from .modeling import AdapterMismatchError, AllMemForCausalLM, AllMemPretrainedConfig
 
 
 def load_base(name_or_path: str = "smollm2", **kwargs):
@@ -19,6 +19,7 @@ __all__ = [
     "AllMemCache",
     "AllMemConfig",
     "AllMemForCausalLM",
+    "AllMemPretrainedConfig",
     "ConfigError",
     "SUPPORTED_FAMILIES",
     "UnsupportedModelError",

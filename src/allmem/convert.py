@@ -142,9 +142,15 @@ def from_pretrained(
 ) -> AllMemForCausalLM:
     """Rebuild a saved AllMem model: load the base its adapter names (or use ``base``),
     convert with the saved config and load the adapter weights. The tokenizer is attached
-    as ``model.tokenizer`` when the base is loaded here."""
+    as ``model.tokenizer`` when the base is loaded here. A self-contained checkpoint
+    (``AllMemForCausalLM.export_pretrained``) is rebuilt from its own files instead."""
     from .loading import load_base
+    from .modeling import from_checkpoint, is_checkpoint
 
+    if is_checkpoint(path):
+        if base is not None:
+            raise ValueError(f"{path} is a self-contained checkpoint (it holds its base weights): do not pass base=")
+        return from_checkpoint(path, dtype=dtype, device=device)
     meta = read_adapter_config(path)
     tokenizer = None
     if base is None:

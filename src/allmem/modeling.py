@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
@@ -36,6 +36,35 @@ ADAPTER_CONFIG = "allmem_config.json"
 SHIPPED_ADAPTERS = {"smollm2-allmem": Path(__file__).parent / "adapters" / "smollm2-allmem"}
 ADAPTER_FORMAT = "allmem-adapter/1"
 ADAPTER_SUMS = "SHA256SUMS"  # `sha256sum` lines beside a shipped adapter's weights
+CHECKPOINT_CONFIG = "config.json"  # a self-contained checkpoint (export_pretrained): model_type "allmem"
+CHECKPOINT_WEIGHTS = "model.safetensors"
+MODEL_TYPE = "allmem"
+
+
+class AllMemPretrainedConfig(PretrainedConfig):
+    """The ``config.json`` of a self-contained AllMem checkpoint (``export_pretrained``), what
+    the Auto classes dispatch on (model_type "allmem"). It is the base model's own config, flat
+    (engines that read ``hidden_size``, ``num_key_value_heads`` ... find them where they look),
+    plus ``base_model_type`` (the base's model_type), ``allmem`` (the ``AllMemConfig``
+    settings) and ``allmem_base`` (the name the base was loaded by). A loaded model keeps the
+    base's config as ``model.config``."""
+
+    model_type = MODEL_TYPE
+    base_model_type: str | None = None
+    allmem: dict | None = None
+    allmem_base: str | None = None
+
+    _OWN = ("model_type", "base_model_type", "allmem", "allmem_base", "architectures", "transformers_version")
+
+    @classmethod
+    def of(cls, model: "AllMemForCausalLM") -> "AllMemPretrainedConfig":
+        fields = {k: v for k, v in model.config.to_dict().items() if k not in cls._OWN}
+        return cls(**fields, base_model_type=model.config.model_type, allmem=model.allmem_config.to_dict(),
+                   allmem_base=model.base_name, architectures=[type(model).__name__])
+
+    def base_model_config(self) -> PretrainedConfig:
+        fields = {k: v for k, v in self.to_dict().items() if k not in self._OWN}
+        return AutoConfig.for_model(self.base_model_type, **fields)
 
 
 class AdapterMismatchError(ValueError):
@@ -101,7 +130,7 @@ def check_signature(expected: dict[str, Any], actual: dict[str, Any], where: str
 
 
 class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
-    config_class = PretrainedConfig
+    config_class = AllMemPretrainedConfig  # what the Auto classes map to this class; model.config is the base's
     base_model_prefix = "model"
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -319,10 +348,22 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
                         base: PreTrainedModel | None = None, dtype: torch.dtype = torch.float32,
                         device: str | None = None, **kwargs: Any) -> "AllMemForCausalLM":
         """``allmem.from_pretrained`` under transformers' name: a shipped adapter's name (e.g.
-        "smollm2-allmem") or a directory written by ``save_pretrained``. The base its adapter
-        names is loaded as ``allmem.load_base`` resolves it (or ``base`` is used), converted with
-        the saved settings, and the adapter weights are loaded and verified. Other keyword
-        arguments of ``PreTrainedModel.from_pretrained`` raise rather than being ignored."""
+        "smollm2-allmem"), a directory written by ``save_pretrained`` (the base its adapter names
+        is loaded as ``allmem.load_base`` resolves it, or ``base`` is used) or a self-contained
+        checkpoint written by ``export_pretrained`` (also what ``AutoModelForCausalLM`` hands
+        over here). Other keyword arguments of ``PreTrainedModel.from_pretrained`` raise rather
+        than being ignored."""
+        # what AutoModelForCausalLM.from_pretrained adds when it dispatches to this class
+        config = kwargs.pop("config", None)
+        if config is not None and not isinstance(config, AllMemPretrainedConfig):
+            raise TypeError(f"config must be an AllMemPretrainedConfig (read from the checkpoint), got {type(config).__name__}")
+        for key in ("_from_auto", "trust_remote_code"):
+            kwargs.pop(key, None)
+        for key in ("adapter_kwargs", "revision"):  # passed empty by the Auto classes for a local directory
+            if not kwargs.get(key):
+                kwargs.pop(key, None)
+        if dtype == "auto":  # transformers' "as saved": a checkpoint's base dtype, an adapter's base in float32
+            dtype = None
         if model_args or kwargs:
             given = [repr(a) for a in model_args] + sorted(kwargs)
             raise TypeError(
@@ -331,7 +372,41 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             )
         from .convert import from_pretrained
 
+        if dtype is None and not is_checkpoint(pretrained_model_name_or_path):
+            dtype = torch.float32
         return from_pretrained(pretrained_model_name_or_path, base=base, dtype=dtype, device=device)
+
+    def export_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write a self-contained checkpoint, atomically: ``config.json`` (model_type "allmem":
+        the base's config fields and the AllMem settings, ``AllMemPretrainedConfig``), ``model.safetensors`` (every weight, base and
+        memory; a tied LM head once), ``generation_config.json`` and the tokenizer when one is
+        attached (``model.tokenizer``). It loads without the base's files, with
+        ``AllMemForCausalLM.from_pretrained``, ``allmem.from_pretrained`` or, once ``allmem`` is
+        imported, ``transformers.AutoModelForCausalLM.from_pretrained``. ``dtype`` casts the
+        base weights; the memory keeps its own dtype (at least float32, as ``convert`` makes it)."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            memory = set(self.memory_parameters())
+            tensors = {}
+            for name, t in self.state_dict().items():
+                if name == "lm_head.weight" and t.data_ptr() == self.lm_head.weight.data_ptr() \
+                        and t.data_ptr() == self.model.embed_tokens.weight.data_ptr():
+                    continue  # tied to the embeddings: stored once, tied again on load
+                cast = dtype if dtype is not None and name not in memory and t.is_floating_point() else t.dtype
+                tensors[name] = t.detach().to(cast).contiguous().cpu()
+            save_file(tensors, tmp / CHECKPOINT_WEIGHTS, metadata={"format": "pt"})
+            AllMemPretrainedConfig.of(self).save_pretrained(tmp)
+            self.generation_config.save_pretrained(tmp)
+            if getattr(self, "tokenizer", None) is not None:
+                self.tokenizer.save_pretrained(tmp)
+            target.mkdir(exist_ok=True)
+            normal_permissions(tmp)
+            for item in sorted(tmp.iterdir()):
+                os.replace(item, target / item.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, *,
                         is_main_process: bool = True, **kwargs: Any) -> None:
@@ -446,6 +521,64 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by ``export_pretrained`` (config.json of model_type "allmem")."""
+    config = Path(path) / CHECKPOINT_CONFIG
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def from_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | None = torch.float32,
+                    device: str | None = None) -> AllMemForCausalLM:
+    """Rebuild a model from a self-contained checkpoint (``export_pretrained``): the base from
+    its saved config (in ``dtype``; None: the saved one), converted with the saved settings, then
+    every weight from the file. Refused when a weight is missing, unexpected, misshapen or NaN/Inf."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .convert import convert
+    from .loading import ATTN_IMPLEMENTATION
+
+    path = Path(path)
+    config = AllMemPretrainedConfig.from_pretrained(path)
+    weights = path / CHECKPOINT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: the checkpoint is incomplete; export it again")
+    tensors = load_file(str(weights))
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise AdapterFileError(f"{weights} holds NaN or Inf values (in {bad}): the checkpoint is damaged; export it again")
+    base_config = config.base_model_config()
+    if dtype is None:
+        saved = getattr(base_config, "dtype", None) or "float32"
+        dtype = saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).replace("torch.", ""))
+    base = AutoModelForCausalLM.from_config(base_config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    model = convert(base, AllMemConfig.from_dict(config.allmem), base_name=config.allmem_base)
+    state = model.state_dict()
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        state.pop("lm_head.weight")  # tied: stored once, under the embeddings
+    missing, unexpected = sorted(set(state) - set(tensors)), sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise AdapterMismatchError(f"{weights} does not fit its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, t in state.items():
+            if t.shape != tensors[name].shape:
+                raise AdapterMismatchError(f"{weights}: {name} has shape {tuple(tensors[name].shape)}, the model {tuple(t.shape)}")
+            t.copy_(tensors[name].to(t.dtype))
+    model._signature = base_signature(base, base.config)  # of the loaded weights, for adapters saved later
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    if (path / "tokenizer_config.json").is_file():
+        model.tokenizer = AutoTokenizer.from_pretrained(path)
+    return model
+
+
 # what every adapter config must hold (name -> JSON type); "dtype" is informational
 _ADAPTER_FIELDS = {"base": str, "base_signature": dict, "allmem": dict}
 
@@ -467,3 +600,8 @@ def _alignment(real: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor
         )
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
     return order, torch.argsort(order, dim=1)
+
+
+# a checkpoint written by export_pretrained loads with transformers' Auto classes once allmem is imported
+AutoConfig.register(MODEL_TYPE, AllMemPretrainedConfig, exist_ok=True)
+AutoModelForCausalLM.register(AllMemPretrainedConfig, AllMemForCausalLM, exist_ok=True)
