@@ -51,9 +51,35 @@ def test_num_queries_and_query_positions_spread_over_the_allowed_range():
     assert positions.min() == 70 and positions.max() >= 190  # first and last even slots get used
 
 
+def test_more_queries_than_pairs_ask_every_key_and_filler_never_repeats_a_key():
+    x, y = multiquery_ar(64, 256, 8, vocab_size=128, min_gap=64, num_queries=40, seed=5)
+    assert ((y != -100).sum(1) == 40).all()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        keys, values = row_x[0:16:2], row_x[1:16:2]
+        table = dict(zip(keys, values))
+        answers = [t for t, label in enumerate(row_y) if label != -100]
+        assert {row_x[t] for t in answers} == set(keys)  # every key asked, some again
+        assert all(row_y[t] == table[row_x[t]] for t in answers)
+        filler = [tok for t, tok in enumerate(row_x) if t >= 16 and t not in answers]
+        assert not set(filler) & set(keys)
+    # Zoology's filler (whole vocabulary) does repeat keys at this vocabulary size
+    x, y = multiquery_ar(64, 256, 8, vocab_size=128, min_gap=64, key_free_filler=False, seed=5)
+    keys = x[:, 0:16:2]
+    filler = x[:, 16:].masked_fill(y[:, 16:] != -100, 0)
+    assert (filler[:, :, None] == keys[:, None, :]).any()
+
+
+def test_training_queries_setting():
+    cfg = ProbeConfig(window=64)
+    assert mqar.num_queries(128, 8, cfg) == 8  # one per pair (Zoology)
+    assert mqar.num_queries(128, 8, mqar.with_settings(cfg, {"queries": 0})) == 24  # every free even slot
+    assert mqar.num_queries(128, 8, mqar.with_settings(cfg, {"queries": 12})) == 12
+    assert mqar.with_settings(cfg, {"key_free_filler": False}).settings()["key_free_filler"] is False
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(seq_len=100, num_kv_pairs=16, min_gap=64), "too short"),
-    (dict(seq_len=256, num_kv_pairs=8, num_queries=9), "num_queries"),
+    (dict(seq_len=100, num_kv_pairs=8, min_gap=64, num_queries=12), "too short"),
     (dict(seq_len=256, num_kv_pairs=40, vocab_size=64), "too few keys"),
 ])
 def test_impossible_layouts_are_refused(kwargs, match):

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 MIXERS = ("full", "swa", "allmem", "mamba2")
-TRAIN_KEYS = ("lr", "batch", "alpha_init", "warmup", "weight_decay", "vocab", "tie_embeddings")
+TRAIN_KEYS = ("lr", "batch", "alpha_init", "warmup", "weight_decay", "vocab", "tie_embeddings", "queries",
+              "key_free_filler")
 """``--set`` keys that belong to the training run; every other key is an AllMemConfig field."""
 
 
@@ -56,6 +57,7 @@ def multiquery_ar(
     vocab_size: int = 8192,
     min_gap: int = 64,
     num_queries: int | None = None,
+    key_free_filler: bool = True,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MQAR examples as in Zoology's ``multiquery_ar``, with queries kept ``min_gap`` away.
@@ -67,9 +69,14 @@ def multiquery_ar(
 
     Keys are drawn without replacement from [1, vocab/2), values from [vocab/2, vocab) (one
     value per key, distinct within an example). The queries are ``num_queries`` (default P)
-    distinct keys of the example in random order, placed at distinct even offsets
-    2P + min_gap + 2j (so no two queries touch); every other token after the context is
-    uniform filler from the whole vocabulary, as in Zoology's ``random_non_queries``.
+    keys of the example in random order, every key once when ``num_queries`` <= P (distinct
+    keys), each key at least once and the rest drawn again at random when larger; they sit at
+    distinct even offsets 2P + min_gap + 2j (so no two queries touch). Every other token after
+    the context is uniform filler from the whole vocabulary, as in Zoology's
+    ``random_non_queries``, except that with ``key_free_filler`` (default) a filler token equal
+    to one of the example's keys is replaced by a random value token: with Zoology's vocabulary
+    of 8192 such a clash is rare, with 128 each key would recur about once as filler, followed
+    by a random token, a decoy that an induction head cannot tell from the real pair.
 
     Returns:
         inputs [N, L] int64 token ids;
@@ -83,8 +90,6 @@ def multiquery_ar(
     if num_kv_pairs < 1 or num_queries < 1 or min_gap < 0:
         raise MQARError(f"need num_kv_pairs >= 1, num_queries >= 1, min_gap >= 0; got {num_kv_pairs}, "
                         f"{num_queries}, {min_gap}")
-    if num_queries > num_kv_pairs:
-        raise MQARError(f"num_queries ({num_queries}) > num_kv_pairs ({num_kv_pairs}): only the pairs' keys can be asked")
     if half - 1 < num_kv_pairs:
         raise MQARError(f"vocab_size {vocab_size} has too few keys for {num_kv_pairs} distinct pairs")
     if slots < num_queries:
@@ -100,9 +105,16 @@ def multiquery_ar(
     kvs = torch.stack([keys, values], dim=2).flatten(1)  # [N, 2P]: k1 v1 k2 v2 ...
 
     inputs = torch.randint(0, vocab_size, (n, seq_len), generator=g)
+    if key_free_filler:  # a filler token equal to one of the example's keys becomes a random value token
+        clash = (inputs[:, :, None] == keys[:, None, :]).any(-1)
+        inputs = torch.where(clash, torch.randint(half, vocab_size, (n, seq_len), generator=g), inputs)
     inputs[:, :context] = kvs
     labels = torch.full((n, seq_len), -100, dtype=torch.long)
-    asked = torch.rand(n, num_kv_pairs, generator=g).argsort(1)[:, :num_queries]  # [N, Q] pair indices
+    # every key once in random order (the first min(Q, P) of a permutation); past P, keys again at random
+    asked = torch.rand(n, num_kv_pairs, generator=g).argsort(1)[:, :num_queries]  # [N, min(Q, P)] pair indices
+    if num_queries > num_kv_pairs:
+        again = torch.randint(0, num_kv_pairs, (n, num_queries - num_kv_pairs), generator=g)
+        asked = torch.cat([asked, again], 1).gather(1, torch.rand(n, num_queries, generator=g).argsort(1))
     where = torch.rand(n, slots, generator=g).argsort(1)[:, :num_queries]  # [N, Q] slot indices
     pos = context + min_gap + 2 * where  # [N, Q] query positions
     inputs.scatter_(1, pos, keys.gather(1, asked))
@@ -119,15 +131,16 @@ class ProbeConfig:
     layers: int = 2
     head_dim: int = 64
     intermediate: int = 256
-    vocab: int = 8192
+    vocab: int = 128
+    """64 keys, 64 values (value chance 1.6 %). Zoology uses 8192, out of reach of a CPU budget."""
     tie_embeddings: bool = True
     """LM head = the token embedding (as in Zoology's models)."""
     window: int = 64
     sinks: int = 0
     chunk: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.1
-    batch: int = 32
+    batch: int = 16
     warmup: int = 50
     steps: int = 3000
     budget_s: float = 300.0
@@ -138,6 +151,11 @@ class ProbeConfig:
     target_acc: float = 0.99
     """stop early once the held-out accuracy reaches this."""
     seed: int = 0
+    key_free_filler: bool = True
+    """filler never repeats one of the example's keys (see ``multiquery_ar``)."""
+    queries: int | None = None
+    """queries per training example: None = one per pair (Zoology), 0 = every free slot, keys asked again
+    at random (more answers per step, more signal); held-out examples always ask each key once."""
     memory: dict[str, Any] = field(default_factory=dict)
     """AllMemConfig overrides (base_lr, expansion, inner_loss, clip, conv_kernel, ...)."""
 
@@ -259,6 +277,15 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     return correct / max(count, 1), loss / max(count, 1)
 
 
+def num_queries(seq_len: int, num_kv_pairs: int, cfg: ProbeConfig) -> int:
+    """Queries per training example under ``cfg.queries`` (0 = every free even slot)."""
+    if cfg.queries is None:
+        return num_kv_pairs
+    if cfg.queries == 0:
+        return max(num_kv_pairs, (seq_len - 2 * num_kv_pairs - cfg.window + 1) // 2)
+    return cfg.queries
+
+
 def _lr_factor(step: int, progress: float, warmup: int) -> float:
     """Linear warmup over ``warmup`` steps, then cosine decay to 10 % by progress = 1."""
     warm = min(1.0, (step + 1) / max(warmup, 1))
@@ -280,8 +307,9 @@ def train_point(
     ends whichever budget runs out first. Returns a JSON-ready record."""
     from tqdm.auto import tqdm
 
-    data = dict(vocab_size=cfg.vocab, min_gap=cfg.window)
+    data = dict(vocab_size=cfg.vocab, min_gap=cfg.window, key_free_filler=cfg.key_free_filler)
     multiquery_ar(1, seq_len, num_kv_pairs, **data)  # validate the point before building anything
+    queries = num_queries(seq_len, num_kv_pairs, cfg)
     model = build_model(mixer, cfg, seq_len)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -302,7 +330,8 @@ def train_point(
             break
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, max(step / cfg.steps, elapsed / cfg.budget_s), cfg.warmup)
-        x, y = multiquery_ar(cfg.batch, seq_len, num_kv_pairs, seed=cfg.seed * 10**7 + step, **data)
+        x, y = multiquery_ar(cfg.batch, seq_len, num_kv_pairs, num_queries=queries, seed=cfg.seed * 10**7 + step,
+                             **data)
         mask = y != -100
         loss = F.cross_entropy(answer_logits(model, x, mask).float(), y[mask])
         opt.zero_grad(set_to_none=True)
