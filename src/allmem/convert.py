@@ -75,7 +75,8 @@ def _use_layer_types(model: AllMemForCausalLM) -> None:
     where a token older than 512 is otherwise out of reach."""
     rotary = model.model.rotary_emb
     if not isinstance(rotary, _DefaultLayerTypeRotary):
-        rotary = _DefaultLayerTypeRotary(rotary, "full_attention")
+        types = model.config.get_text_config().layer_types
+        rotary = _DefaultLayerTypeRotary(rotary, "full_attention" if "full_attention" in types else types[0])
         model.model.rotary_emb = rotary
     for layer in model.model.layers:
         attn = layer.self_attn.attn
