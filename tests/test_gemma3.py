@@ -59,6 +59,20 @@ def test_conversion_structure():
         torch.testing.assert_close(original(x).logits, tiny_gemma3()(x).logits)
 
 
+def test_adapter_and_self_contained_checkpoint_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = randomise_memory(allmem.convert(tiny_gemma3(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)), scale=0.2)
+    x = ids(2, 20)
+    with torch.no_grad():
+        expected = model(x).logits
+        model.save_pretrained(tmp_path / "adapter")
+        rebuilt = allmem.from_pretrained(tmp_path / "adapter", base=tiny_gemma3())
+        assert torch.equal(rebuilt(x).logits, expected)
+        model.export_pretrained(tmp_path / "full")
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "full")(x).logits, expected)
+
+
 def test_unsupported_family_error_lists_five_families():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(allmem.UnsupportedModelError, match="llama, mistral, qwen2, qwen3, gemma3"):
@@ -154,6 +168,12 @@ def test_alpha_zero_window_covering_the_input_reproduces_gemma3_270m(gemma3_270m
     print(f"Gemma-3-270M alpha=0, W>=L ({x.shape[1]} tokens): max |logit diff| = {diff:.2e}")
     assert diff < 1e-3  # measured 4.6e-5 (logits up to about 32)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    prompt = x[:, :100]
+    with torch.no_grad():
+        ours = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        with model.original_attention() as original:
+            theirs = original.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.real_model
