@@ -48,6 +48,7 @@ from ..memory import MemoryState
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _INT_FIELDS = ("window.sink_pos", "window.ring_pos", "memory.fill")  # stored as float32 (exact < 2**24)
+_REPLACED_ONLY = ("memory.weights.", "memory.momentum.")  # never written in place by the memory
 
 
 def allmem_config_of(hf_config) -> AllMemConfig:
@@ -158,7 +159,8 @@ class AllMemMixer(AllMemAttention, MambaBase):
         return MambaAttentionBackendEnum.LINEAR
 
     # ------------------------------------------------------------ state I/O
-    def _unpack(self, slots: torch.Tensor) -> LayerState:
+    def _unpack(self, slots: torch.Tensor) -> tuple[LayerState, dict[str, torch.Tensor]]:
+        """The slots' states as one batched LayerState (a copy), and its tensors by name."""
         flat = self.kv_cache[0].index_select(0, slots)  # [B, N] (a copy: the layer writes in place)
         batch = flat.shape[0]
         parts, offset = {}, 0
@@ -173,16 +175,35 @@ class AllMemMixer(AllMemAttention, MambaBase):
             offset += n
         window = WindowState(**{k[7:]: v for k, v in parts.items() if k.startswith("window.")})
         memory = MemoryState.from_tensors({k[7:]: v for k, v in parts.items() if k.startswith("memory.")})
-        return LayerState(window, memory)
+        return LayerState(window, memory), parts
 
-    def _pack(self, slots: torch.Tensor, state: LayerState) -> None:
+    def _pack(self, slots: torch.Tensor, state: LayerState, before: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``state`` into the slots. Fast weights and momentum are only ever replaced by
+        the memory (a chunk write), never modified in place: when they are still the very
+        tensors ``_unpack`` gave (``before``), the slot already holds them and they are not
+        copied back (65 % of the state on a decode step that completes no chunk)."""
         tensors = {f"window.{k}": v for k, v in state.window.tensors().items()}
         tensors.update({f"memory.{k}": v for k, v in state.memory.tensors().items()})
         batch = slots.shape[0]
-        flat = torch.cat([tensors[name].reshape(batch, -1).to(torch.float32) for name, _ in self.layout], dim=1)
-        if flat.shape[1] != self.numel:
-            raise RuntimeError(f"{self.prefix}: state has {flat.shape[1]} values, layout {self.numel}")
-        self.kv_cache[0].index_copy_(0, slots, flat)
+        pool = self.kv_cache[0]
+        runs: list[tuple[int, list[torch.Tensor]]] = []  # (offset, tensors) of consecutive fields to write
+        offset, last = 0, None
+        for name, shape in self.layout:
+            n = math.prod(shape)
+            t = tensors[name]
+            if tuple(t.shape) != (batch, *shape):
+                raise RuntimeError(f"{self.prefix}: state field {name} has shape {tuple(t.shape)}, layout {shape}")
+            keep = before is not None and name.startswith(_REPLACED_ONLY) and t is before.get(name)
+            if not keep:
+                if last != offset:
+                    runs.append((offset, []))
+                runs[-1][1].append(t.reshape(batch, -1).to(torch.float32))
+                last = offset + n
+            offset += n
+        for start, parts in runs:
+            flat = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            target = pool if start == 0 and flat.shape[1] == self.numel else pool[:, start:start + flat.shape[1]]
+            target.index_copy_(0, slots, flat)
 
     # ------------------------------------------------------------- forward
     def run(self, x: torch.Tensor, groups: list[_Rows] | None) -> torch.Tensor:
@@ -197,13 +218,13 @@ class AllMemMixer(AllMemAttention, MambaBase):
         for rows in groups:
             xs = x[rows.index]  # [B, T, d]
             batch, length = rows.index.shape
-            state = None if rows.fresh else self._unpack(rows.slots)
+            state, before = (None, None) if rows.fresh else self._unpack(rows.slots)
             seg = Segment(config=cfg, seq_lens=torch.full((batch,), length, dtype=torch.long, device=x.device),
                           seen=rows.seen, cos=rows.cos, sin=rows.sin, sink_cos=rows.sink_cos,
                           sink_sin=rows.sink_sin, states={self.layer_idx: state})
             y, _ = AllMemAttention.forward(self, xs, allmem_segment=seg)
             out[rows.index.reshape(-1)] = y.reshape(-1, y.shape[-1])
-            self._pack(rows.slots, seg.states[self.layer_idx])
+            self._pack(rows.slots, seg.states[self.layer_idx], before)
         return out
 
 
