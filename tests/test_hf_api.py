@@ -258,6 +258,10 @@ def test_an_exported_checkpoint_loads_with_the_auto_classes(family, tmp_path):
             assert torch.equal(loaded(x).logits, expected)
             assert torch.equal(loaded.generate(x, max_new_tokens=5, do_sample=False), expected_tokens)
             assert set(n for n, p in loaded.named_parameters() if p.requires_grad) == set(model.memory_parameters())
+        other = transformers.AutoConfig.from_pretrained(tmp_path / "ckpt")
+        other.allmem = {**other.allmem, "window": 16}
+        with pytest.raises(ValueError, match="config= can only be the checkpoint's own config"):
+            AllMemForCausalLM.from_pretrained(tmp_path / "ckpt", config=other)
         half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
         assert half.lm_head.weight.dtype == torch.bfloat16
         assert all(p.dtype == torch.float32 for p in half.memory_parameters().values())

@@ -17,6 +17,7 @@ method that would be silently wrong for it is overridden here: it either answers
 no-op; any other crop would need the dropped tokens back, so it marks the state as unusable
 and the next forward or save refuses it.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -357,6 +357,10 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         config = kwargs.pop("config", None)
         if config is not None and not isinstance(config, AllMemPretrainedConfig):
             raise TypeError(f"config must be an AllMemPretrainedConfig (read from the checkpoint), got {type(config).__name__}")
+        if config is not None and (not is_checkpoint(pretrained_model_name_or_path) or config.allmem != (
+                AllMemPretrainedConfig.from_pretrained(pretrained_model_name_or_path).allmem)):
+            raise ValueError("config= can only be the checkpoint's own config (the Auto classes pass it): the model is "
+                             "rebuilt from its saved settings; change window/sinks/chunk with model.set_runtime(...)")
         for key in ("_from_auto", "trust_remote_code"):
             kwargs.pop(key, None)
         for key in ("adapter_kwargs", "revision"):  # passed empty by the Auto classes for a local directory
