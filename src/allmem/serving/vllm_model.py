@@ -51,6 +51,17 @@ _INT_FIELDS = ("window.sink_pos", "window.ring_pos", "memory.fill")  # stored as
 _REPLACED_ONLY = ("memory.weights.", "memory.momentum.")  # never written in place by the memory
 
 
+def base_config_of(hf_config):
+    """The base model's config for the layers: an ``allmem export`` / ``export_pretrained``
+    checkpoint's config.json has model_type "allmem" (the base's fields flat, its model_type
+    in ``base_model_type``); the prototype's export kept the base's model_type."""
+    if getattr(hf_config, "model_type", None) != "allmem" or not hasattr(hf_config, "base_model_config"):
+        return hf_config
+    base = hf_config.base_model_config()
+    base.allmem = hf_config.allmem
+    return base
+
+
 def allmem_config_of(hf_config) -> AllMemConfig:
     data = getattr(hf_config, "allmem", None)
     if not isinstance(data, dict):
@@ -277,7 +288,7 @@ class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
-        hf_config = vllm_config.model_config.hf_config
+        hf_config = base_config_of(vllm_config.model_config.hf_config)
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise NotImplementedError(f"the vLLM prototype serves {SUPPORTED_MODEL_TYPES} bases, not {hf_config.model_type!r}")
         self.config = hf_config

@@ -1,6 +1,6 @@
 """vLLM plugin: registers the ``AllMemForCausalLM`` architecture.
 
-Declared (see docs/serving/design.md) as
+Declared in pyproject.toml (see docs/serving/design.md) as
 
     [project.entry-points."vllm.general_plugins"]
     allmem = "allmem.serving.vllm_plugin:register"
@@ -42,8 +42,12 @@ def _config_hook():
 
 
 def register() -> None:
+    # config.json of an `allmem export` has model_type "allmem": importing allmem.modeling
+    # registers its config class with transformers' AutoConfig (vLLM parses configs with it)
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .. import modeling  # noqa: F401
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
