@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import allmem
-from allmem.distill.data import chat_sample, collate, length_grouped_batches, to_messages, DataError
+from allmem.distill.data import DataError, chat_sample, collate, length_grouped_batches, to_messages
 from allmem.distill.losses import chunked_distill_loss, scored_positions
 from allmem.distill.recipe import load_recipe
 from allmem.distill.trainer import DistillTrainer, draw_runtime
-from tiny_models import randomise_memory, tiny_base
+from tiny_models import tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
 

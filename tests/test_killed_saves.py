@@ -11,29 +11,43 @@ import textwrap
 import pytest
 import torch
 
+import allmem
 from allmem import cli
 from allmem.distill.checkpoint import CheckpointDamagedError, resume_checkpoint, save_checkpoint
 from allmem.distill.trainer import DistillTrainer
+from allmem.modeling import ADAPTER_WEIGHTS
 from test_distill import tiny_recipe
 
 KILLED_MID_SAVE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    import allmem.distill.checkpoint as checkpoint
+    import allmem, allmem.cache, allmem.distill.checkpoint, allmem.modeling
 
-    write = checkpoint.save_file
+    kind, out, adapter = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    module = {"checkpoint": allmem.distill.checkpoint, "state": allmem.cache, "adapter": allmem.modeling}[kind]
+    write = module.save_file
     def write_then_hang(tensors, path, *args, **kwargs):
         write(tensors, path, *args, **kwargs)
         print("half-written", flush=True)
         time.sleep(600)
 
-    checkpoint.save_file = write_then_hang
-    params = {"w": torch.nn.Parameter(torch.ones(4096))}
-    optimizer = torch.optim.AdamW(params.values())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint.save_checkpoint(Path(sys.argv[1]), 1, params, optimizer, scheduler, {})
+    module.save_file = write_then_hang
+    if kind == "checkpoint":
+        params = {"w": torch.nn.Parameter(torch.ones(4096))}
+        optimizer = torch.optim.AdamW(params.values())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        module.save_checkpoint(out, 1, params, optimizer, scheduler, {})
+    else:
+        model = allmem.from_pretrained(adapter)
+        if kind == "state":
+            cache = model.new_cache()
+            model(torch.ones(1, 8, dtype=torch.long), cache=cache)
+            cache.save(out / "state.safetensors")
+        else:
+            model.save_pretrained(out / "adapter")
 """)
+
 
 
 def _hidden(directory):
@@ -47,23 +61,38 @@ def _tiny_training_state():
     return params, optimizer, scheduler
 
 
-def test_the_next_checkpoint_removes_what_a_killed_save_left_but_not_a_live_save(tmp_path):
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True)
+def _save_again(kind, tmp_path, adapter):
+    if kind == "checkpoint":
+        save_checkpoint(tmp_path, 2, *_tiny_training_state(), {})
+        return tmp_path / "step-000002" / "state.json"
+    model = allmem.from_pretrained(adapter)
+    if kind == "state":
+        cache = model.new_cache()
+        model(torch.ones(1, 8, dtype=torch.long), cache=cache)
+        cache.save(tmp_path / "state.safetensors")
+        return tmp_path / "state.safetensors"
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter" / ADAPTER_WEIGHTS
+
+
+@pytest.mark.parametrize("kind,name", [("checkpoint", "checkpoint"), ("state", "state.safetensors"),
+                                       ("adapter", "adapter")])
+def test_the_next_save_removes_what_a_killed_save_left_but_not_a_live_save(kind, name, tmp_path, tiny_adapter):
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, kind, str(tmp_path), str(tiny_adapter)],
+                              stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "half-written"
     writer.send_signal(signal.SIGKILL)
     writer.wait()
-    assert len(_hidden(tmp_path)) == 1, "the killed save should have left its temp folder"
+    assert len(_hidden(tmp_path)) == 1, "the killed save should have left its temp file or folder"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        in_progress = tmp_path / f".checkpoint.{live.pid}.abc"  # another process, still saving
+        in_progress = tmp_path / f".{name}.{live.pid}.abc"  # another process, still saving
         in_progress.mkdir()
-        save_checkpoint(tmp_path, 2, *_tiny_training_state(), {})
+        assert _save_again(kind, tmp_path, tiny_adapter).is_file()
         assert _hidden(tmp_path) == [in_progress.name]
     finally:
         live.kill()
         live.wait()
-    assert (tmp_path / "step-000002" / "state.json").is_file()
 
 
 def test_resume_skips_a_truncated_newest_checkpoint_and_continues_exactly(tiny_smollm_dir, tmp_path, caplog):

@@ -19,7 +19,6 @@ from tiny_models import (
 )
 
 
-
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_alpha_zero_huge_window_is_the_original_model(family):
     base = tiny_base(family)

@@ -15,7 +15,6 @@ import torch
 from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import ids, randomise_memory, tiny_base
 
 import allmem
 import allmem.files as files
@@ -23,6 +22,7 @@ import allmem.modeling as modeling
 from allmem import cli
 from allmem.cache import CacheFileError
 from allmem.session import SESSION_FORMAT
+from tiny_models import ids, randomise_memory, tiny_base
 
 
 # ------------------------------------------------ padding in a one-token step

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Cache
 
 from .baselines.mamba2 import Mamba2State
-from .files import normal_permissions
+from .files import atomic_temp_file, normal_permissions
 from .layer import LayerState, WindowState
 from .memory import MemoryState
 
@@ -237,8 +236,7 @@ class AllMemCache(Cache):
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta["sha256"] = tensors_sha256(tensors)  # checked by load
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = atomic_temp_file(path.parent, path.name)
         try:
             save_file(tensors, tmp, metadata=meta)
             normal_permissions(tmp)

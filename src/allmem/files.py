@@ -8,9 +8,11 @@ would let read them. These give them the permissions the user's umask would have
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -73,7 +75,7 @@ def remove_stale_temps(directory: str | os.PathLike, name: str) -> list[Path]:
     """Delete what killed atomic writes of ``name`` left in ``directory`` (files or folders made
     with ``temp_prefix(name)`` by a process that no longer runs); returns what was removed."""
     removed = []
-    for path in Path(directory).glob(f".{name}.*.*"):
+    for path in Path(directory).glob(f".{glob.escape(name)}.*.*"):
         pid = path.name[len(name) + 2:].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
             continue
@@ -83,3 +85,18 @@ def remove_stale_temps(directory: str | os.PathLike, name: str) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def atomic_temp_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new temp folder in ``parent`` for an atomic write of ``name`` (renamed into place by
+    the caller), after removing what killed writes of ``name`` left there."""
+    remove_stale_temps(parent, name)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=temp_prefix(name)))
+
+
+def atomic_temp_file(parent: str | os.PathLike, name: str) -> Path:
+    """A new empty temp file in ``parent`` for an atomic write of ``name``; as ``atomic_temp_dir``."""
+    remove_stale_temps(parent, name)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=temp_prefix(name))
+    os.close(fd)
+    return Path(tmp)

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import AllMemCache, first_non_finite
 from .config import AllMemConfig, ConfigError
-from .files import file_sha256, normal_permissions
+from .files import atomic_temp_dir, file_sha256, normal_permissions
 from .layer import AllMemAttention, Segment
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -390,7 +389,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         base weights; the memory keeps its own dtype (at least float32, as ``convert`` makes it)."""
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        tmp = atomic_temp_dir(target.parent, target.name)
         try:
             memory = set(self.memory_parameters())
             tensors = {}
@@ -429,7 +428,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             return
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        tmp = atomic_temp_dir(target.parent, target.name)
         try:
             tensors = {n: p.detach().to(dtype or p.dtype).contiguous().cpu() for n, p in self.memory_parameters().items()}
             save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": ADAPTER_FORMAT})

@@ -11,14 +11,13 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import normal_permissions, remove_stale_temps, temp_prefix
+from ..files import atomic_temp_dir, normal_permissions
 
 LATEST = "latest"
 TEMP_NAME = "checkpoint"  # temp dirs of unfinished saves: .checkpoint.<pid>.*
@@ -62,9 +61,8 @@ def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
                     extra: dict[str, Any]) -> Path:
     """Write ``directory/step-XXXXXX`` atomically and point ``directory/latest`` at it."""
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(directory, TEMP_NAME)  # what a killed save left behind
     final = directory / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=temp_prefix(TEMP_NAME)))
+    tmp = atomic_temp_dir(directory, TEMP_NAME)
     try:
         save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)

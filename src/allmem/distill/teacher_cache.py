@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import normal_permissions, remove_stale_temps, temp_prefix
+from ..files import atomic_temp_file, normal_permissions
 from .data import Sample
 
 
@@ -47,9 +46,7 @@ class TeacherCache:
     def put(self, sample: Sample, index: torch.Tensor, logp: torch.Tensor) -> None:
         path = self._path(sample)
         path.parent.mkdir(exist_ok=True)
-        remove_stale_temps(path.parent, path.name)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name))
-        os.close(fd)
+        tmp = atomic_temp_file(path.parent, path.name)
         save_file({"index": index.contiguous().cpu(), "logp": logp.contiguous().cpu()}, tmp)
         normal_permissions(tmp)
         os.replace(tmp, path)

@@ -337,8 +337,13 @@ class DistillTrainer:
         not train)."""
         if not self.recall_items:
             return {}
-        from ..eval.recall import (allmem_logits_fn, full_attention_logits_fn, logits_logprob_fn, recall_margins,
-                                   swa_logits_fn)
+        from ..eval.recall import (
+            allmem_logits_fn,
+            full_attention_logits_fn,
+            logits_logprob_fn,
+            recall_margins,
+            swa_logits_fn,
+        )
 
         model = self._unwrapped
         if not self.reference_margins:

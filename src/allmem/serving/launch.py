@@ -16,9 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_temp_dir
 
 EXPORT_MARKER = "allmem_export.json"  # written by `allmem export` beside config.json
 EXPORT_FORMAT = "allmem-export/1"
@@ -94,7 +95,7 @@ def write_export(model, out: str | os.PathLike, *, source: str, max_model_len: i
         raise ServeError(f"{source} has no tokenizer to export; vLLM needs one")
     raise_max_len(model, max_model_len)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    work = atomic_temp_dir(out.parent, out.name)
     try:
         stage = work / "export"
         model.export_pretrained(stage, dtype=dtype)
