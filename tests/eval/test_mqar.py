@@ -114,6 +114,7 @@ def test_every_mixer_trains_end_to_end_writes_outputs_and_resumes(tmp_path, monk
         assert f"| {mixer} |" in md
     assert "| mixer | 40:4 |" in md
     assert (tmp_path / "mqar.png").stat().st_size > 1000
+    assert (tmp_path / "mqar_curves.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "mqar.json").read_text())["results"]
     assert len(saved) == 4
 

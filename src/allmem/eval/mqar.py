@@ -458,7 +458,9 @@ def _describe(cfg: ProbeConfig) -> str:
     return (f"d_model {cfg.d_model}, {cfg.layers} layers, head_dim {cfg.head_dim}, vocab {cfg.vocab}, window {cfg.window} "
             f"(queries >= {cfg.window} tokens after the pairs), sinks {cfg.sinks}, chunk {cfg.chunk}, lr {cfg.lr}, "
             f"batch {cfg.batch}, alpha_init {cfg.alpha_init}, <= {cfg.steps} steps / {cfg.budget_s:.0f} s per point, "
-            f"memory {cfg.memory or 'defaults'}, seed {cfg.seed}")
+            f"memory {cfg.memory or 'defaults'}, seed {cfg.seed}, "
+            f"filler {'key-free' if cfg.key_free_filler else 'whole vocab'}, "
+            f"training queries {'one per pair' if cfg.queries is None else cfg.queries or 'every free slot'}")
 
 
 def run_grid(mixers: Sequence[str], grid: Sequence[tuple[int, int]], cfg: ProbeConfig, out: str | Path, *,
@@ -491,7 +493,33 @@ def run_grid(mixers: Sequence[str], grid: Sequence[tuple[int, int]], cfg: ProbeC
     (out / "mqar.md").write_text(text)
     if plot:
         _plot(acc, grid, out / "mqar.png", _describe(cfg))
+        plot_curves(chosen, out / "mqar_curves.png", _describe(cfg))
     return chosen
+
+
+def plot_curves(records: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Held-out accuracy (the quick eval every ``eval_every`` steps) against training step, one
+    line per record: does a run rise steadily, sit on a plateau, or jump?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in records:
+        if r.get("history"):
+            steps, accs = zip(*[(h[0], 100 * h[3]) for h in r["history"]])
+            ax.plot(steps, accs, label=f"{r.get('label', r['mixer'])} {r['seq_len']}:{r['pairs']}")
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out MQAR accuracy (%)")
+    ax.set_title("MQAR training curves", fontsize=10)
+    fig.text(0.01, 0.01, title, fontsize=5, wrap=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _plot(acc: dict[str, dict[str, float]], grid: Sequence[tuple[int, int]], path: Path, title: str) -> None:
