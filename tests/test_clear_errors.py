@@ -109,13 +109,18 @@ def test_absurd_sizes_on_the_command_line_fail_before_the_model_loads(tmp_path, 
     _one_error_line(capsys, "sinks must be")
 
 
-def test_resume_with_a_changed_memory_shape_is_one_error_line(tiny_smollm_dir, tmp_path, capsys):
-    common = [
-        f"base={tiny_smollm_dir}", f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "train.save_every=1",
+def one_step_distill_args(base, output_dir) -> list[str]:
+    """Overrides of a one-step `allmem distill` on a tiny model that saves a checkpoint."""
+    return [
+        f"base={base}", f"train.output_dir={output_dir}", "train.steps=1", "train.save_every=1",
         "train.eval_every=0", "train.warmup_steps=1", "train.recall_prompts=0",
         "data=[{source: text, count: 2, lengths: [64, 64]}]", "heldout=[]",
         "randomize={}", "allmem.window=32", "allmem.chunk=16",
     ]
+
+
+def test_resume_with_a_changed_memory_shape_is_one_error_line(tiny_smollm_dir, tmp_path, capsys):
+    common = one_step_distill_args(tiny_smollm_dir, tmp_path / "run")
     assert cli.main(["distill", "--recipe", "smollm2-cpu", "--quiet", *common]) == 0
     capsys.readouterr()
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000001" / "trainable.safetensors"

@@ -16,6 +16,7 @@ from allmem import cli
 from allmem.distill.checkpoint import CheckpointDamagedError, resume_checkpoint, save_checkpoint
 from allmem.distill.trainer import DistillTrainer
 from allmem.modeling import ADAPTER_WEIGHTS
+from test_clear_errors import one_step_distill_args
 from test_distill import tiny_recipe
 
 KILLED_MID_SAVE = textwrap.dedent("""
@@ -130,12 +131,7 @@ def test_resume_with_every_checkpoint_damaged_is_refused(tmp_path, damage):
 
 
 def test_cli_resume_of_a_damaged_run_is_one_error_line(tiny_smollm_dir, tmp_path, capsys):
-    common = [
-        f"base={tiny_smollm_dir}", f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "train.save_every=1",
-        "train.eval_every=0", "train.warmup_steps=1", "train.recall_prompts=0",
-        "data=[{source: text, count: 2, lengths: [64, 64]}]", "heldout=[]",
-        "randomize={}", "allmem.window=32", "allmem.chunk=16",
-    ]
+    common = one_step_distill_args(tiny_smollm_dir, tmp_path / "run")
     assert cli.main(["distill", "--recipe", "smollm2-cpu", "--quiet", *common]) == 0
     capsys.readouterr()
     (tmp_path / "run" / "checkpoints" / "step-000001" / "optimizer.safetensors").write_bytes(b"")
