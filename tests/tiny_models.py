@@ -47,16 +47,17 @@ def ids(batch, length, seed=0):
     return torch.randint(0, _COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def assert_segments_equal_one_prefill(model, split):
-    """Feeding a sequence in segments of the given sizes through one cache equals one prefill."""
-    x = ids(2, sum(split))
+def assert_segments_equal_one_prefill(model, split, x=None, rtol=1e-4, atol=1e-5):
+    """Feeding a sequence (``x``, else random ids) in segments of the given sizes through one
+    cache equals one prefill."""
+    x = ids(2, sum(split)) if x is None else x[:, :sum(split)]
     with torch.no_grad():
         whole = model(x, use_cache=False).logits
         cache, outs, start = model.new_cache(), [], 0
         for n in split:
             outs.append(model(x[:, start : start + n], cache=cache).logits)
             start += n
-    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=rtol, atol=atol)
 
 
 def assert_left_padded_batch_equals_each_row_alone(model, lengths, decode_steps):

@@ -500,51 +500,52 @@ def run_grid(mixers: Sequence[str], grid: Sequence[tuple[int, int]], cfg: ProbeC
 def plot_curves(records: Sequence[dict], path: str | Path, title: str = "") -> None:
     """Held-out accuracy (the quick eval every ``eval_every`` steps) against training step, one
     line per record: does a run rise steadily, sit on a plateau, or jump?"""
+    fig, ax = _accuracy_axes()
+    for r in records:
+        if r.get("history"):
+            steps, accs = zip(*[(h[0], 100 * h[3]) for h in r["history"]])
+            ax.plot(steps, accs, label=f"{r.get('label', r['mixer'])} {r['seq_len']}:{r['pairs']}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out MQAR accuracy (%)")
+    ax.set_title("MQAR training curves", fontsize=10)
+    _save_figure(fig, ax, path, title, legend_size=7)
+
+
+def _accuracy_axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in records:
-        if r.get("history"):
-            steps, accs = zip(*[(h[0], 100 * h[3]) for h in r["history"]])
-            ax.plot(steps, accs, label=f"{r.get('label', r['mixer'])} {r['seq_len']}:{r['pairs']}")
     ax.set_ylim(-2, 102)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out MQAR accuracy (%)")
-    ax.set_title("MQAR training curves", fontsize=10)
+    return fig, ax
+
+
+def _save_figure(fig, ax, path: str | Path, title: str, legend_size: int | None = None) -> None:
+    """The run's settings in small print under the axes, grid, legend; write and close."""
+    import matplotlib.pyplot as plt
+
     fig.text(0.01, 0.01, title, fontsize=5, wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _plot(acc: dict[str, dict[str, float]], grid: Sequence[tuple[int, int]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = _accuracy_axes()
     for mixer, cells in acc.items():
         xs = [length for length, pairs in grid if f"{length}:{pairs}" in cells]
         ys = [cells[f"{length}:{pairs}"] for length, pairs in grid if f"{length}:{pairs}" in cells]
         ax.plot(xs, ys, marker="o", label=mixer)
     ax.set_xscale("log", base=2)
     ax.set_xticks([length for length, _ in grid], [f"{length}\n({pairs} pairs)" for length, pairs in grid])
-    ax.set_ylim(-2, 102)
     ax.set_xlabel("sequence length (key/value pairs)")
     ax.set_ylabel("MQAR accuracy (%)")
     ax.set_title("MQAR, queries beyond the window", fontsize=10)
-    fig.text(0.01, 0.01, title, fontsize=5, wrap=True)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, ax, path, title)
 
 
 def run_sweep(variants: Sequence[str], grid: Sequence[tuple[int, int]], cfg: ProbeConfig, out: str | Path, *,
