@@ -92,6 +92,7 @@ def test_a_broken_adapter_config_is_one_error_line_before_the_model_loads(tmp_pa
     (dict(memory_head_dim=10**7), "memory_head_dim must be None or a positive integer <= 65536"),
     (dict(expansion=10**6), "expansion must be an integer >= 1 and <= 65536"),
     (dict(conv_kernel=True), "conv_kernel must be an integer >= 0"),
+    (dict(conv_init="shift"), "conv_init must be one of"),
 ], ids=lambda v: str(v)[:40] if isinstance(v, str) else None)
 def test_bad_config_values_in_an_adapter_are_one_error_line_before_the_model_loads(tmp_path, capsys, no_model_load,
                                                                                    changes, needle):

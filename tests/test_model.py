@@ -242,15 +242,49 @@ def test_convert_keeps_the_memory_initialisation_of_the_spec(family, base_lr, mo
         beta = torch.sigmoid(memory.beta_proj(x.mean(1)))
         torch.testing.assert_close(eta, torch.full_like(eta, base_lr))
         torch.testing.assert_close(beta, torch.full_like(beta, momentum))
-        identity = torch.zeros_like(memory.conv_weight)
-        identity[:, -1] = 1
-        assert torch.equal(memory.conv_weight, identity), i
+        # conv_init key_shift (default): q and v read the current token, k the previous one
+        width = memory.width
+        expected = torch.zeros_like(memory.conv_weight)
+        expected[:width, -1] = expected[2 * width:, -1] = 1
+        expected[width : 2 * width, -2] = 1
+        assert torch.equal(memory.conv_weight, expected), i
         for norm in (memory.q_norm, memory.k_norm, memory.out_norm):
             assert torch.equal(norm.weight, torch.ones_like(norm.weight)), i
         # spec 1.2: W1, W3 ~ N(0, 1/d_h), W2 ~ N(0, 1/(e d_h)) * 0.1
         d = memory.head_dim
         assert abs(memory.w1_init.std().item() * d**0.5 - 1) < 0.2, i
         assert abs(memory.w2_init.std().item() * d**0.5 * 10 - 1) < 0.2, i
+
+
+def test_identity_conv_init_reads_the_current_token_on_every_channel():
+    model = allmem.convert(tiny_base("llama"), allmem.AllMemConfig(init="random", conv_init="identity"))
+    for layer in model.model.layers:
+        conv = layer.self_attn.memory.conv_weight
+        expected = torch.zeros_like(conv)
+        expected[:, -1] = 1
+        assert torch.equal(conv, expected)
+
+
+def test_key_shift_keys_at_t_are_the_identity_keys_at_t_minus_1():
+    """The convention behind key_shift: k_t is what the identity conv gives at t - 1 (zero at
+    t = 0), while q and v are unchanged, so a write at t pairs k(x_{t-1}) with v(x_t)."""
+    from allmem.memory import AllMemMemory
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32)
+    parts = {}
+    for conv_init in ("identity", "key_shift"):
+        cfg = allmem.AllMemConfig(conv_init=conv_init)
+        torch.manual_seed(1)
+        memory = AllMemMemory(32, 2, 16, cfg)
+        qkv = torch.cat([memory.q_proj(x), memory.k_proj(x), memory.v_proj(x)], -1)
+        out, _ = memory._conv(qkv, torch.zeros(2, memory.conv_kernel - 1, qkv.shape[-1]), torch.full((2,), 9))
+        parts[conv_init] = out.split(memory.width, -1)
+    (q0, k0, v0), (q1, k1, v1) = parts["identity"], parts["key_shift"]
+    torch.testing.assert_close(q1, q0)
+    torch.testing.assert_close(v1, v0)
+    torch.testing.assert_close(k1[:, 1:], k0[:, :-1])
+    assert torch.count_nonzero(k1[:, 0]) == 0
 
 
 def test_flex_attention_backend_gives_the_same_model_outputs(monkeypatch):

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 POSITION_MODES = ("rolling", "absolute")
 INIT_MODES = ("attention", "random")
+CONV_INITS = ("key_shift", "identity")
 INNER_LOSSES = ("mse", "dot")
 MEMORY_TYPES = ("ttt", "mamba2")
 MAX_TOKENS = 2**22
@@ -55,6 +56,15 @@ class AllMemConfig:
     """e: SwiGLU hidden width = e * d_h."""
     conv_kernel: int = 4
     """Short causal depthwise convolution after the q/k/v projections (0 or 1 disables)."""
+    conv_init: Literal["key_shift", "identity"] = "key_shift"
+    """(ours) how the short conv starts. key_shift: the key channels read the previous token
+    (tap t-1 = 1), queries and values the current one, so each write stores k(x_{t-1}) -> v(x_t),
+    the transition an induction head copies, and a query token reads back what followed it
+    before. identity: every channel reads the current token, so a write stores k(x_t) -> v(x_t)
+    and the key -> value pairing must be learned through the second-order path of the inner
+    update; on MQAR that never happened in 2,000 steps (docs/mqar/README.md), key_shift
+    reaches 99 % in 400. Only a fresh memory uses it: a loaded adapter brings its own taps.
+    Without a conv (conv_kernel 0 or 1) there is no previous tap and both read the current token."""
     inner_loss: Literal["mse", "dot"] = "mse"
     base_lr: float = 0.1
     """(ours) initial token-wise inner learning rate eta."""
@@ -116,6 +126,7 @@ class AllMemConfig:
              f"expansion must be an integer >= 1 and <= {MAX_WIDTH}, got {self.expansion!r}")
         need(_is_int(self.conv_kernel) and 0 <= self.conv_kernel <= MAX_WIDTH,
              f"conv_kernel must be an integer >= 0 and <= {MAX_WIDTH}, got {self.conv_kernel!r}")
+        need(self.conv_init in CONV_INITS, f"conv_init must be one of {CONV_INITS}, got {self.conv_init!r}")
         need(_is_number(self.base_lr) and self.base_lr > 0, f"base_lr must be a positive number, got {self.base_lr!r}")
         need(_is_number(self.momentum_init) and 0.0 < self.momentum_init < 1.0,
              f"momentum_init must lie strictly between 0 and 1, got {self.momentum_init!r}")

@@ -114,9 +114,13 @@ class AllMemMemory(nn.Module):
         self.v_proj = nn.Linear(hidden_size, width, bias=False)
         self.conv_kernel = max(config.conv_kernel, 1)
         # depthwise causal conv over [q | k | v]; starts as the identity (last tap = 1) so an
-        # attention-initialised memory reads the attention's own keys and values at first
+        # attention-initialised memory reads the attention's own queries and values at first;
+        # with key_shift the keys start one token back (see AllMemConfig.conv_init)
         conv = torch.zeros(3 * width, self.conv_kernel)
         conv[:, -1] = 1.0
+        if config.conv_init == "key_shift" and self.conv_kernel >= 2:
+            conv[width : 2 * width, -1] = 0.0
+            conv[width : 2 * width, -2] = 1.0
         self.conv_weight = nn.Parameter(conv)
         self.q_norm = RMSNorm(width)
         self.k_norm = RMSNorm(width)
