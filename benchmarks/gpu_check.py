@@ -119,7 +119,7 @@ def check_model(device: str) -> dict:
 def qwen3_model(device: str, smoke: bool):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from allmem.cost import load_model_config
+    from allmem.cost_report import load_model_config
 
     if smoke:
         from tiny_models import tiny_base

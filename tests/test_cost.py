@@ -1,21 +1,25 @@
 """The analytic cost model (allmem.cost) against hand arithmetic, the paper's claim, and the
-real converted model: AllMemCache.nbytes(), memory_parameters() and torch's FLOP counter."""
+real converted model: AllMemCache.nbytes(), memory_parameters() and torch's FLOP counter; its
+report and command line (allmem.cost_report)."""
 
 import argparse
-import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import allmem
-from allmem import cost
+from allmem import AllMemConfig, cost, cost_report
+from allmem.cli import main
 from tiny_models import tiny_base
 
 # hidden 8, 1 layer, 2 query heads, 1 kv head, head_dim 4, MLP 16, vocab 10
 SMALL = dict(name="small", hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
              head_dim=4, intermediate_size=16, vocab_size=10)
-SMALL_SETTING = cost.AllMemSetting(window=2, sinks=1, chunk=4)  # memory: H = 1, d_h = 4, D = 4, F = 4, K = 4
+with pytest.warns(UserWarning, match="chunk"):  # chunk > window: fine for counting by hand
+    SMALL_SETTING = AllMemConfig(window=2, sinks=1, chunk=4)  # memory: H = 1, d_h = 4, D = 4, F = 4, K = 4
 
 
 def test_pairs_by_hand():
@@ -66,9 +70,8 @@ def test_cache_by_hand_and_growth():
     # (2*3*1*4*4 + 2*1*4*4 + 2*1*4 + 3*3*4) * 4 = (96+32+8+36)*4 = 688; index (3 + 1 + 1) * 8 = 40 -> 776
     assert cost.cache_bytes(SMALL, 6, SMALL_SETTING, arch="allmem") == {
         "kv": 48, "memory_state": 688, "index": 40, "total": 776}
-    assert cost.cache_bytes(SMALL, 6, dataclasses.replace(SMALL_SETTING, state_dtype_bytes=2),
-                            arch="allmem")["memory_state"] == 344
-    qwen = cost.load_model_config("qwen3-0.6b")
+    assert cost.cache_bytes(SMALL, 6, SMALL_SETTING, arch="allmem", state_bytes=2)["memory_state"] == 344
+    qwen = cost_report.load_model_config("qwen3-0.6b")
     lengths = [4096 * 2**i for i in range(6)]
     full = [cost.cache_bytes(qwen, n, arch="full")["total"] for n in lengths]
     # 28 layers * 2 * 8 kv heads * 128 * 2 bytes = 112 KiB per token, exactly linear
@@ -79,7 +82,8 @@ def test_cache_by_hand_and_growth():
 
 def test_paper_ratio_at_128k():
     """Paper: window 4096, chunk 2048, at 128k the cost is about 1/9 of full attention."""
-    rows = {m: cost.cost_table(cost.load_model_config(m), [131072], cost.AllMemSetting(4096, 64, 2048))[0]
+    paper = AllMemConfig(window=4096, sinks=64, chunk=2048)
+    rows = {m: cost_report.cost_table(cost_report.load_model_config(m), [131072], paper)[0]
             for m in ("qwen3-0.6b", "qwen3-1.7b")}
     for m, r in rows.items():
         print(f"{m} @128k AllMem/full: prefill mixer {r['prefill_mixer_ratio']:.4f} (1/{1 / r['prefill_mixer_ratio']:.1f}), "
@@ -95,14 +99,28 @@ def test_config_sources_agree(tmp_path):
     base = tiny_base("qwen3")
     as_dict = {k: getattr(base.config, k) for k in SMALL if k != "name"}
     assert cost.model_shape(base.config, "x") == cost.model_shape(as_dict, "x")
-    assert cost.load_model_config("smollm2")["hidden_size"] == 576
-    assert cost.load_model_config("Qwen/Qwen3-1.7B")["intermediate_size"] == 6144
+    assert cost_report.load_model_config("smollm2")["hidden_size"] == 576
+    assert cost_report.load_model_config("Qwen/Qwen3-1.7B")["intermediate_size"] == 6144
     base.config.save_pretrained(tmp_path)  # a local model directory and its config.json
-    from_dir = cost.model_shape(cost.load_model_config(str(tmp_path)), "x")
-    assert from_dir == cost.model_shape(cost.load_model_config(str(tmp_path / "config.json")), "x")
+    from_dir = cost.model_shape(cost_report.load_model_config(str(tmp_path)), "x")
+    assert from_dir == cost.model_shape(cost_report.load_model_config(str(tmp_path / "config.json")), "x")
     assert from_dir == cost.model_shape(base.config, "x")
     with pytest.raises(FileNotFoundError, match="bundled name"):
-        cost.load_model_config("no-such-model")
+        cost_report.load_model_config("no-such-model")
+
+
+def test_only_the_ttt_memory_is_counted():
+    """A Mamba-2 baseline config has another memory: counting it as TTT would be silently wrong."""
+    mamba = AllMemConfig(window=2, sinks=1, chunk=2, memory_type="mamba2")
+    with pytest.raises(ValueError, match="memory_type='ttt'"):
+        cost.flops(SMALL, 6, mamba, arch="allmem")
+    with pytest.raises(ValueError, match="memory_type='ttt'"):
+        cost.cache_bytes(SMALL, 6, mamba, arch="allmem")
+    with pytest.raises(ValueError, match="memory_type='ttt'"):
+        cost.memory_parameter_count(SMALL, mamba)
+    # full attention and SWA do not involve the memory
+    assert cost.flops(SMALL, 6, mamba, arch="swa")["attn_core"] == cost.attention_pairs(6, 2, 1) * 32
+    assert cost.cache_bytes(SMALL, 6, mamba, arch="full")["total"] == 96
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +190,14 @@ def test_flops_equal_torch_flop_counter(tiny_run):
 
 
 def test_table_markdown_and_cli(tmp_path, capsys):
-    rows = cost.cost_table(cost.load_model_config("smollm2"), [4096, 8192], {"window": 1024, "sinks": 4, "chunk": 512})
+    rows = cost_report.cost_table(cost_report.load_model_config("smollm2"), [4096, 8192],
+                                  AllMemConfig(window=1024, sinks=4, chunk=512))
     assert [r["length"] for r in rows] == [4096, 8192] and rows[0]["model"] == "SmolLM2-135M"
-    text = cost.format_cost_table(rows)
+    text = cost_report.format_cost_table(rows)
     assert text.count("\n| SmolLM2-135M |") == 2 and "window 1024, sinks 4, chunk 512" in text
 
     parser = argparse.ArgumentParser(prog="allmem")
-    cost.register(parser.add_subparsers(dest="command"))
+    cost_report.register(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit) as done:
         parser.parse_args(["cost", "--help"])
     assert done.value.code == 0 and "--config" in capsys.readouterr().out
@@ -193,7 +212,36 @@ def test_table_markdown_and_cli(tmp_path, capsys):
 
 def test_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    rows = {m: cost.cost_table(cost.load_model_config(m), [4096, 16384]) for m in ("qwen3-0.6b",)}
-    path = cost.plot_cost(rows, tmp_path / "fig.png")
+    rows = {m: cost_report.cost_table(cost_report.load_model_config(m), [4096, 16384]) for m in ("qwen3-0.6b",)}
+    path = cost_report.plot_cost(rows, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
     assert path == tmp_path / "fig.png"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "0"], "window must be a positive integer"),
+    (["--chunk", "-3"], "chunk must be a positive integer"),
+    (["--memory-heads", "0"], "memory_heads must be None or a positive integer"),
+    (["--lengths", "4096", "0"], "--lengths must be positive token counts, got [0]"),
+    (["--config", "no-such-model"], "give a bundled name"),
+    (["--config", "list.json"], "holds a JSON list, not a model config object"),
+    (["--config", "partial.json"], "model config lacks ['num_hidden_layers'"),
+], ids=["window", "chunk", "memory-heads", "lengths", "unknown-model", "json-list", "json-missing-keys"])
+def test_cli_bad_input_is_one_error_line_and_exit_2(args, message, tmp_path, capsys):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "partial.json").write_text('{"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16, '
+                                           '"vocab_size": 10}')
+    args = [str(tmp_path / a) if a.endswith(".json") else a for a in args]
+    if "--config" not in args:
+        args = ["--config", "qwen3-0.6b", *args]
+    assert main(["cost", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_cli_bad_input_exit_code_of_the_process():
+    done = subprocess.run([sys.executable, "-m", "allmem.cli", "cost", "--config", "qwen3-0.6b", "--sinks", "-1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: sinks must be an integer >= 0") and "Traceback" not in done.stderr
