@@ -13,11 +13,10 @@ from allmem.baselines.mamba2 import (
     Mamba2State,
     mamba2_dims_for_budget,
     mamba2_param_count,
-    ssd_chunked,
-    ssd_step,
     ttt_memory_param_count,
 )
-from allmem.baselines.mamba2_naive import naive_mamba2_forward, ssd_naive
+from allmem.baselines.mamba2_naive import naive_mamba2_forward
+from allmem.ops.ssd import chunk_ssd, naive_ssd, ssd_step
 from tiny_models import (
     assert_left_padded_batch_equals_each_row_alone,
     assert_saved_cache_continues_exactly,
@@ -50,8 +49,8 @@ def scan_inputs(batch, length, heads=3, head_dim=4, state=5, seed=0, skip=()):
 def test_chunked_scan_equals_the_recurrence(length, with_state):
     x, dt, A, B, C, h0 = scan_inputs(2, length, skip=[(1, length - 1)])
     h0 = h0 if with_state else None
-    y, final = ssd_chunked(x, dt, A, B, C, chunk=8, initial_state=h0)
-    y_ref, final_ref = ssd_naive(x, dt, A, B, C, h0)
+    y, final = chunk_ssd(x, dt, A, B, C, h0, chunk_size=8)
+    y_ref, final_ref = naive_ssd(x, dt, A, B, C, h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)
 
@@ -62,7 +61,7 @@ def test_recurrent_steps_equal_the_recurrence():
     for t in range(11):
         y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
         ys.append(y)
-    y_ref, final_ref = ssd_naive(x, dt, A, B, C, h0)
+    y_ref, final_ref = naive_ssd(x, dt, A, B, C, h0)
     torch.testing.assert_close(torch.stack(ys, 1), y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state, final_ref, rtol=1e-12, atol=1e-12)
 
@@ -79,11 +78,17 @@ def test_chunked_scan_gradients_equal_the_recurrence(length, chunk):
         y, final = fn(x, dt, A, B, C, h0)
         return torch.autograd.grad((y * wy).sum() + (final * ws).sum(), inputs)
 
-    got = grads(lambda *a: ssd_chunked(*a[:5], chunk=chunk, initial_state=a[5]))
-    expected = grads(ssd_naive)
+    got = grads(lambda *a: chunk_ssd(*a, chunk_size=chunk))
+    expected = grads(naive_ssd)
     for name, a, b in zip(["x", "dt", "A", "B", "C", "h0"], got, expected):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_bad_chunk_size_is_a_clear_error():
+    x, dt, A, B, C, h0 = scan_inputs(1, 5)
+    with pytest.raises(ValueError, match="chunk_size must be positive, got 0"):
+        chunk_ssd(x, dt, A, B, C, h0, chunk_size=0)
 
 
 # ----------------------------------------------------------------------- the mixer

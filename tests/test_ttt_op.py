@@ -1,5 +1,7 @@
 """The chunked memory op against autograd and a token-by-token reference (float64)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -73,13 +75,14 @@ def test_chunked_equals_token_loop(n, length, chunk, loss, expansion):
     w0 = random_weights(n, d, expansion, scale=1.5)
     norms = row_norms(w0)
     momentum0 = FastWeights(*(0.01 * torch.randn_like(w) for w in w0))
-    # a small clip makes clipping active; normalisation is always active
-    o, state = chunk_ttt(q, k, v, eta, beta, TTTState(w0, momentum0), norms, chunk_size=chunk, loss=loss, clip=0.3)
-    o_ref, w_ref, m_ref = naive_ttt(q, k, v, eta, beta, w0, momentum0, norms, chunk_size=chunk, loss=loss, clip=0.3)
+    # one call for both; a small clip makes clipping active; normalisation is always active
+    args, kwargs = (q, k, v, eta, beta, TTTState(w0, momentum0), norms), dict(chunk_size=chunk, loss=loss, clip=0.3)
+    o, state = chunk_ttt(*args, **kwargs)
+    o_ref, ref = naive_ttt(*args, **kwargs)
     torch.testing.assert_close(o, o_ref)
-    for a, b in zip(state.weights, w_ref):
+    for a, b in zip(state.weights, ref.weights):
         torch.testing.assert_close(a, b)
-    for a, b in zip(state.momentum, m_ref):
+    for a, b in zip(state.momentum, ref.momentum):
         torch.testing.assert_close(a, b)
     if length >= chunk:  # the memory really changed
         assert not torch.allclose(state.weights.w1, w0.w1)
@@ -97,9 +100,9 @@ def test_update_mask_and_zero_eta_leave_state_untouched():
     state0 = TTTState(w0, FastWeights(*(torch.zeros_like(w) for w in w0)))
     mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False], [True, True, False]])
     o, state = chunk_ttt(q, k, v, eta, beta, state0, row_norms(w0), chunk_size=chunk, update_mask=mask)
-    o_ref, w_ref, _ = naive_ttt(q, k, v, eta, beta, w0, None, row_norms(w0), chunk_size=chunk, update_mask=mask)
+    o_ref, ref = naive_ttt(q, k, v, eta, beta, state0, row_norms(w0), chunk_size=chunk, update_mask=mask)
     torch.testing.assert_close(o, o_ref)
-    torch.testing.assert_close(state.weights.w2, w_ref[1])
+    torch.testing.assert_close(state.weights.w2, ref.weights.w2)
     torch.testing.assert_close(state.weights.w1[2], w0.w1[2])  # row 2 never wrote
     # row 1 wrote one chunk only: equals running that row's first chunk alone
     _, one = chunk_ttt(q[1:2, :4], k[1:2, :4], v[1:2, :4], eta[1:2, :4], beta[1:2, :1],
@@ -137,9 +140,9 @@ def test_no_clip_matches_the_reference_and_differs_from_clipping(loss, expansion
     momentum0 = FastWeights(*(0.01 * torch.randn_like(w) for w in w0))
     norms = row_norms(w0)
     o, state = chunk_ttt(q, k, v, eta, beta, TTTState(w0, momentum0), norms, chunk_size=chunk, loss=loss, clip=None)
-    o_ref, w_ref, m_ref = naive_ttt(q, k, v, eta, beta, w0, momentum0, norms, chunk_size=chunk, loss=loss, clip=None)
+    o_ref, ref = naive_ttt(q, k, v, eta, beta, TTTState(w0, momentum0), norms, chunk_size=chunk, loss=loss, clip=None)
     torch.testing.assert_close(o, o_ref)
-    for a, b in zip((*state.weights, *state.momentum), (*w_ref, *m_ref)):
+    for a, b in zip((*state.weights, *state.momentum), (*ref.weights, *ref.momentum)):
         torch.testing.assert_close(a, b)
     # None is not the default tau = 1 in disguise: at 1 these gradients are clipped
     _, clipped = chunk_ttt(q, k, v, eta, beta, TTTState(w0, momentum0), norms, chunk_size=chunk, loss=loss, clip=1.0)
@@ -153,18 +156,18 @@ def test_outer_gradients_match_reference():
     w0 = FastWeights(*(w.clone().requires_grad_() for w in random_weights(n, d, 1, scale=1.2)))
 
     def run(fn):
-        norms = row_norms(w0)
-        if fn is chunk_ttt:
-            zeros = FastWeights(*(torch.zeros_like(w) for w in w0))
-            o, state = chunk_ttt(*inputs, TTTState(w0, zeros), norms, chunk_size=chunk, clip=0.5)
-            final = state.weights
-        else:
-            o, final, _ = naive_ttt(*inputs, w0, None, norms, chunk_size=chunk, clip=0.5)
-        objective = (o.sin()).sum() + sum((w * w).sum() for w in final)
+        zeros = FastWeights(*(torch.zeros_like(w) for w in w0))
+        o, state = fn(*inputs, TTTState(w0, zeros), row_norms(w0), chunk_size=chunk, clip=0.5)
+        objective = (o.sin()).sum() + sum((w * w).sum() for w in state.weights)
         return torch.autograd.grad(objective, [*inputs, *w0])
 
     for a, b in zip(run(chunk_ttt), run(naive_ttt)):
         torch.testing.assert_close(a, b)
+
+
+def test_reference_and_fast_path_take_the_same_arguments():
+    """Same names, order and defaults (fla trips on references whose arguments drift)."""
+    assert inspect.signature(naive_ttt).parameters == inspect.signature(chunk_ttt).parameters
 
 
 def test_bad_beta_shape_is_a_clear_error():
@@ -212,6 +215,12 @@ def test_skip_free_memory_matches_its_reference(loss, expansion):
     o_ref, w_ref, m_ref = _skip_free_reference(q, k, v, eta, beta, w0, row_norms(w0), chunk, loss, 0.3)
     torch.testing.assert_close(o, o_ref)
     for a, b in zip((*state.weights, *state.momentum), (*w_ref, *m_ref)):
+        torch.testing.assert_close(a, b)
+    # the token-loop reference takes the same residual=False
+    o_naive, naive = naive_ttt(q, k, v, eta, beta, TTTState(w0, zeros), row_norms(w0), chunk_size=chunk, loss=loss,
+                               clip=0.3, residual=False)
+    torch.testing.assert_close(o_naive, o_ref)
+    for a, b in zip((*naive.weights, *naive.momentum), (*w_ref, *m_ref)):
         torch.testing.assert_close(a, b)
     # and it is a different memory from the spec's one (the skip matters for mse writes and every read)
     o_skip, _ = chunk_ttt(q, k, v, eta, beta, TTTState(w0, zeros), row_norms(w0), chunk_size=chunk, loss=loss, clip=0.3)

@@ -29,13 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Cache
 
-from .baselines.mamba2 import Mamba2State
+from .config import MEMORY_TYPES
 from .files import atomic_temp_file, normal_permissions
 from .layer import LayerState, WindowState
-from .memory import MemoryState
+from .memories import memory_state_class, memory_type_of
 
 CACHE_FORMAT = "allmem-cache/1"
-MEMORY_STATES = {"ttt": MemoryState, "mamba2": Mamba2State}  # memory_type -> state class
 
 
 class CacheFileError(ValueError):
@@ -213,9 +212,9 @@ class AllMemCache(Cache):
         """The memory_type whose states the layers hold ("ttt" while nothing is written)."""
         for state in self.layers:
             if state is not None:
-                for name, cls in MEMORY_STATES.items():
-                    if isinstance(state.memory, cls):
-                        return name
+                name = memory_type_of(state.memory)
+                if name is not None:
+                    return name
         return "ttt"
 
     # ------------------------------------------------------- save / restore
@@ -268,15 +267,15 @@ class AllMemCache(Cache):
         if meta.get("format") != CACHE_FORMAT:
             raise CacheFileError(path, f"is not an AllMem cache file (format {meta.get('format')!r}, expected {CACHE_FORMAT!r})")
         memory_type = meta.get("memory_type", "ttt")  # files from before memory_type hold TTT states
-        if memory_type not in MEMORY_STATES:
-            raise CacheFileError(path, f"holds memory states of unknown type {memory_type!r} (known: {sorted(MEMORY_STATES)})",
+        if memory_type not in MEMORY_TYPES:
+            raise CacheFileError(path, f"holds memory states of unknown type {memory_type!r} (known: {sorted(MEMORY_TYPES)})",
                                  "load it with a version of allmem that knows that type")
         if "sha256" in meta and tensors_sha256(tensors) != meta["sha256"]:
             raise CacheFileError(path, "is damaged: its tensors do not match the SHA-256 stored when it was saved")
         bad = first_non_finite(tensors)
         if bad is not None:
             raise CacheFileError(path, f"holds NaN or Inf values (in {bad}): the state is damaged")
-        state_cls = MEMORY_STATES[memory_type]
+        state_cls = memory_state_class(memory_type)
         tensors = {k: v.to(device) for k, v in tensors.items()}
         try:
             cache = cls(int(meta["num_layers"]), int(meta["window"]), int(meta["sinks"]), int(meta["chunk"]))

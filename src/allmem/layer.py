@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from .baselines.mamba2 import Mamba2Memory, Mamba2State
 from .config import AllMemConfig
-from .memory import AllMemMemory, MemoryState, scatter_state
+from .memories import RecurrentState, build_memory
+from .memory import scatter_state
 from .ops.swa import swa_dense, swa_prefill
 
 
@@ -71,7 +71,7 @@ class WindowState:
 @dataclass
 class LayerState:
     window: WindowState
-    memory: MemoryState | Mamba2State
+    memory: RecurrentState  # the memory module's own state (allmem.memories)
 
 
 def _gather_time(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -86,15 +86,7 @@ class AllMemAttention(nn.Module):
         self.head_dim = attention.head_dim
         self.num_kv_heads = num_kv_heads
         self.layer_idx = attention.layer_idx
-        if config.memory_type == "mamba2":  # the baseline: Mamba-2 of the same parameter budget
-            self.memory = Mamba2Memory.for_config(hidden_size, num_kv_heads, self.head_dim, config)
-        else:
-            self.memory = AllMemMemory(
-                hidden_size,
-                config.memory_heads or num_kv_heads,
-                config.memory_head_dim or self.head_dim,
-                config,
-            )
+        self.memory = build_memory(hidden_size, num_kv_heads, self.head_dim, config)  # by config.memory_type
         self.alpha = nn.Parameter(torch.zeros(hidden_size))
         # set by convert() for families whose layers differ (Gemma 3): a pretrained sliding-window
         # layer keeps its own window (capped by the configured one) and attends no sinks, and a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class MemoryState:
-    """Constant-size recurrent state of one memory layer (batch B, heads H, chunk C).
+    """Constant-size recurrent state of one memory layer (batch B, heads H, chunk C); an
+    ``allmem.memories.RecurrentState``, as ``AllMemMemory`` is a ``Memory``.
 
     weights/momentum: fast weights and momentum, [B, H, ., .] per matrix.
     buffer_*: the partial chunk not yet written: keys/values [B, H, C, d_h], eta and the
@@ -72,7 +74,7 @@ class MemoryState:
         plain = {f.name: tensors[f.name] for f in fields(cls) if f.name not in ("weights", "momentum")}
         return cls(weights=triple("weights"), momentum=triple("momentum"), **plain)
 
-    def map(self, fn) -> "MemoryState":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "MemoryState":
         """Apply ``fn`` to every tensor (e.g. batch reordering), keeping the structure."""
         return MemoryState.from_tensors({k: fn(v) for k, v in self.tensors().items()})
 

@@ -1,7 +1,8 @@
 """Baselines of the AllMem paper: the same SWA + sinks hybrid with another memory module.
 
 ``mamba2``: the memory replaced by a Mamba-2 (SSD) mixer of about the same parameter count
-(select it with ``AllMemConfig(memory_type="mamba2")``).
+(select it with ``AllMemConfig(memory_type="mamba2")``; ``allmem.memories.build_memory``
+imports it only then). Its scan is the op ``allmem.ops.ssd``.
 """
 
 from .mamba2 import (
@@ -10,8 +11,6 @@ from .mamba2 import (
     Mamba2State,
     mamba2_dims_for_budget,
     mamba2_param_count,
-    ssd_chunked,
-    ssd_step,
     ttt_memory_param_count,
 )
 
@@ -21,7 +20,5 @@ __all__ = [
     "Mamba2State",
     "mamba2_dims_for_budget",
     "mamba2_param_count",
-    "ssd_chunked",
-    "ssd_step",
     "ttt_memory_param_count",
 ]

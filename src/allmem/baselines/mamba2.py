@@ -9,10 +9,9 @@ A pure-PyTorch Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs"), n_groups 
     y_t     = h_t C_t + D x_t
     out     = out_proj(RMSNorm(y * silu(z)))              (gated RMSNorm, norm after the gate)
 
-Prefill runs the chunked SSD scan (``ssd_chunked``): within a chunk the decay-masked
-"attention" form (segsum), between chunks a loop that passes the state on; decode runs the
-recurrence one token at a time (``ssd_step``). Both start from and return the state, so any
-split of a stream into segments gives the same result.
+Prefill runs the chunked SSD scan (``allmem.ops.ssd.chunk_ssd``), decode the recurrence one
+token at a time (``ssd_step``). Both start from and return the state, so any split of a
+stream into segments gives the same result.
 
 It follows the conventions of ``allmem.memory.AllMemMemory``: rows are *aligned* (each
 row's ``seq_lens[b]`` real tokens first, padding after), ``forward(x, seq_lens, state,
@@ -29,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from torch import nn
 
 from ..config import AllMemConfig
 from ..memory import AllMemMemory
+from ..ops.ssd import chunk_ssd, ssd_step
 
 DEFAULT_STATE_SIZES = (128, 64, 32, 16)
 
@@ -59,91 +60,9 @@ class Mamba2State:
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Mamba2State":
         return cls(**{f.name: tensors[f.name] for f in fields(cls)})
 
-    def map(self, fn) -> "Mamba2State":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Mamba2State":
         """Apply ``fn`` to every tensor (e.g. batch reordering), keeping the structure."""
         return Mamba2State.from_tensors({k: fn(v) for k, v in self.tensors().items()})
-
-
-# ---------------------------------------------------------------------------- scan
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """a [..., L] -> [..., L, L] with out[i, j] = a[j+1] + ... + a[i] for j <= i, -inf above.
-
-    Built from masked cumulative sums (not differences of one cumsum), so exp() of it is
-    exactly 1 on the diagonal and stable for long chunks."""
-    length = a.shape[-1]
-    a = a[..., None].expand(*a.shape, length)  # [..., i, j] = a[i]
-    strict = torch.ones(length, length, dtype=torch.bool, device=a.device).tril(-1)
-    out = a.masked_fill(~strict, 0).cumsum(dim=-2)
-    lower = torch.ones(length, length, dtype=torch.bool, device=a.device).tril(0)
-    return out.masked_fill(~lower, -math.inf)
-
-
-def ssd_chunked(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk: int,
-    initial_state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SSD scan in chunks (without the D skip).
-
-    x [b, T, H, P], dt [b, T, H] (>= 0; 0 = the token is skipped), A [H] (< 0), B, C [b, T, N],
-    initial_state [b, H, P, N] or None (zeros). Returns y [b, T, H, P] and the final state.
-    Everything is computed in the dtype of ``x`` (cast before calling).
-    """
-    batch, length, heads, head_dim = x.shape
-    state_size = B.shape[-1]
-    if initial_state is None:
-        initial_state = x.new_zeros(batch, heads, head_dim, state_size)
-    if length == 0:
-        return x, initial_state
-    num_chunks = -(-length // chunk)
-    pad = num_chunks * chunk - length
-    if pad:  # padded steps have dt = 0: no decay and no input, so they change nothing
-        x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
-        B, C = F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
-    x = x.view(batch, num_chunks, chunk, heads, head_dim)
-    dt = dt.view(batch, num_chunks, chunk, heads)
-    B = B.view(batch, num_chunks, chunk, state_size)
-    C = C.view(batch, num_chunks, chunk, state_size)
-
-    a = (dt * A).permute(0, 3, 1, 2)  # [b, H, nc, l]: log decay of every step
-    a_cum = a.cumsum(-1)
-    xdt = (x * dt[..., None]).permute(0, 3, 1, 2, 4)  # [b, H, nc, l, P]
-
-    # inside each chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_{j+1} + ... + a_i) dt_j x_j
-    scores = C @ B.transpose(-1, -2)  # [b, nc, l, l], shared by the heads (one group)
-    y = (scores[:, None] * torch.exp(segsum(a))) @ xdt  # [b, H, nc, l, P]
-
-    # what each chunk alone adds to the state at its end
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, H, nc, l]
-    chunk_states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B[:, None]  # [b, H, nc, P, N]
-    chunk_decay = torch.exp(a_cum[..., -1])  # [b, H, nc]
-
-    # between chunks (the only sequential part): the state entering every chunk
-    state = initial_state
-    entering = []
-    for c in range(num_chunks):
-        entering.append(state)
-        state = state * chunk_decay[:, :, c, None, None] + chunk_states[:, :, c]
-    entering = torch.stack(entering, dim=2)  # [b, H, nc, P, N]
-
-    # the entering state read by every step of the chunk, decayed up to that step
-    y = y + (C[:, None] @ entering.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
-    y = y.permute(0, 2, 3, 1, 4).reshape(batch, num_chunks * chunk, heads, head_dim)
-    return y[:, :length], state
-
-
-def ssd_step(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent step. x [b, H, P], dt [b, H], A [H], B, C [b, N], state [b, H, P, N]
-    -> y [b, H, P] (without D), new state."""
-    decay = torch.exp(dt * A)[..., None, None]
-    state = state * decay + (x * dt[..., None])[..., None] * B[:, None, None, :]
-    return (state @ C[:, None, :, None]).squeeze(-1), state
 
 
 # -------------------------------------------------------------------------- sizing
@@ -323,7 +242,7 @@ class Mamba2Memory(nn.Module):
             y, ssm = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm0)
             y = y.unsqueeze(1)
         else:
-            y, ssm = ssd_chunked(xs, dt, A, B, C, config.chunk, ssm0)
+            y, ssm = chunk_ssd(xs, dt, A, B, C, ssm0, chunk_size=config.chunk)
         y = y + xs * self.D.to(scan)[:, None]
         y = self.norm(y.reshape(batch, length, self.inner), z).to(x.dtype)
         out = self.out_proj(y)

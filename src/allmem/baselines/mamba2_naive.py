@@ -1,6 +1,7 @@
-"""REFERENCE ONLY (tests): Mamba-2 as a plain token-by-token recurrence in float64.
+"""REFERENCE ONLY (tests): the whole Mamba-2 mixer as a plain token-by-token loop in float64.
 
-Slow and simple on purpose; ``allmem.baselines.mamba2`` must agree with it.
+Slow and simple on purpose; ``allmem.baselines.mamba2.Mamba2Memory`` must agree with it. The
+scan alone has its reference in ``allmem.ops.ssd.naive``.
 """
 
 from __future__ import annotations
@@ -9,22 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from .mamba2 import Mamba2Memory, Mamba2State
-
-
-def ssd_naive(x, dt, A, B, C, initial_state=None):
-    """x [b, T, H, P], dt [b, T, H], A [H], B, C [b, T, N] -> y [b, T, H, P] (no D), final state.
-
-    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t   (float64, one step at a time)."""
-    x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
-    batch, length, heads, head_dim = x.shape
-    h = x.new_zeros(batch, heads, head_dim, B.shape[-1]) if initial_state is None else initial_state.double()
-    ys = []
-    for t in range(length):
-        decay = torch.exp(dt[:, t] * A)  # [b, H]
-        h = decay[..., None, None] * h + torch.einsum("bh,bhp,bn->bhpn", dt[:, t], x[:, t], B[:, t])
-        ys.append(torch.einsum("bhpn,bn->bhp", h, C[:, t]))
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(batch, 0, heads, head_dim)
-    return y, h
 
 
 @torch.no_grad()

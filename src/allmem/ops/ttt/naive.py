@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fast_weights import FastWeights, TTTState  # the containers only: no math is shared
 
-def _fast_net(z: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+
+def _fast_net(z: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, residual: bool) -> torch.Tensor:
     # z [N, d]; explicit einsums so no code is shared with the fast path
     hidden = F.silu(torch.einsum("nfd,nd->nf", w1, z)) * torch.einsum("nfd,nd->nf", w3, z)
-    return z + torch.einsum("ndf,nf->nd", w2, hidden)
+    out = torch.einsum("ndf,nf->nd", w2, hidden)
+    return z + out if residual else out
 
 
 def naive_ttt(
@@ -23,27 +26,29 @@ def naive_ttt(
     v: torch.Tensor,
     eta: torch.Tensor,
     beta: torch.Tensor,
-    initial_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    initial_momentum: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    reference_norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    initial_state: TTTState,
+    reference_norms: FastWeights,
     *,
     chunk_size: int,
     loss: str = "mse",
     clip: float | None = 1.0,
     eps: float = 1e-5,
     update_mask: torch.Tensor | None = None,
-):
-    """Same contract as ``chunk_ttt``: q, k, v [N, L, d]; eta [N, L]; beta [N, num_chunks].
+    residual: bool = True,
+) -> tuple[torch.Tensor, TTTState]:
+    """Same call as ``chunk_ttt``: q, k, v [N, L, d]; eta [N, L]; beta [N, num_chunks];
+    initial_state fast weights and momentum, each matrix [N, ., .]; reference_norms n0;
+    update_mask [N, num_chunks] or None. Only full chunks write (a partial last chunk is
+    buffered). residual=False reads and trains W2 h(z) alone (no skip).
 
-    Returns (o [N, L, d], weights, momentum) with weights/momentum as 3-tuples.
+    Returns (o [N, L, d], final_state).
     """
     n, length, _ = q.shape
-    weights = list(initial_weights)
-    momentum = list(initial_momentum) if initial_momentum is not None else [torch.zeros_like(w) for w in weights]
+    weights, momentum = list(initial_state.weights), list(initial_state.momentum)
     outputs = []
     pending: list[int] = []
     for t in range(length):
-        outputs.append(_fast_net(q[:, t], *weights))
+        outputs.append(_fast_net(q[:, t], *weights, residual))
         pending.append(t)
         if len(pending) < chunk_size:
             continue
@@ -56,7 +61,7 @@ def naive_ttt(
             normalised.append(w_bar if w_bar.requires_grad else w_bar.detach().requires_grad_())
         total = 0.0
         for s in pending:
-            pred = _fast_net(k[:, s], *normalised)
+            pred = _fast_net(k[:, s], *normalised, residual)
             if loss == "mse":
                 per_token = 0.5 * ((pred - v[:, s]) ** 2).sum(-1)
             else:
@@ -78,4 +83,4 @@ def naive_ttt(
             new_momentum = [torch.where(keep, a, b) for a, b in zip(new_momentum, momentum)]
         weights, momentum = new_weights, new_momentum
         pending = []
-    return torch.stack(outputs, dim=1), tuple(weights), tuple(momentum)
+    return torch.stack(outputs, dim=1), TTTState(FastWeights(*weights), FastWeights(*momentum))
