@@ -1,24 +1,34 @@
-"""lm-evaluation-harness adapter: any evaluation system as an ``lm_eval`` model.
+"""lm-evaluation-harness adapter: an evaluation system as lm-eval's Hugging Face model.
 
 Short benchmarks (ARC, HellaSwag, WinoGrande, MMLU, ...) check that conversion leaves the base
-model's skills intact. Use it from Python::
+model's skills intact. ``AllMemLM`` is lm-eval's own ``HFLM`` given an already-built model, so
+tokenisation, batching, ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until``
+(stop sequences, sampling settings) are exactly lm-eval's. What differs for AllMem:
+
+- the model comes from a system: ``pretrained`` (an embedded name such as ``smollm2-allmem``,
+  a local directory, a hub id or an adapter directory) and ``system`` (``full``, ``swa``,
+  ``allmem`` or ``mamba2``); every other unknown model argument is a system option
+  (``window``, ``sinks``, ``chunk``, ``segment``, ``dtype``, ...; see ``allmem.eval.systems``);
+- ``max_length``: the full-attention system is truncated to its trained context as ``HFLM``
+  does; converted systems have no position limit and a constant-size state, so by default
+  nothing is truncated (a document is scored in one window, a long prompt is read whole);
+- converted systems generate with their own constant-size cache, the prompt prefilled
+  ``segment`` tokens at a time, so a 100k-token prompt costs one segment's workspace;
+- ``get_model_info`` reports the system without asking the hub about a local name.
+
+From Python::
 
     import lm_eval
     from allmem.eval.lm_eval_adapter import AllMemLM
 
-    lm = AllMemLM("allmem:runs/distill/adapter")            # or a System object
+    lm = AllMemLM("smollm2-allmem", system="allmem")       # or AllMemLM(load_system(spec))
     results = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"], limit=100)
 
-or from lm-eval's own command line once this module is imported (it registers the model name
-``allmem``): ``--model allmem --model_args spec=swa:smollm2?window=256``.
+From the command line (lm-eval 0.4.13 has no plugin discovery, so this module's
+``allmem.eval.lm_eval_cli`` registers the name ``allmem`` and runs lm-eval's own CLI)::
 
-Requests are scored one at a time (no batching: the converted systems stream a single
-sequence through a constant-size state). Tokenisation follows lm-eval's ``HFLM``: trailing
-spaces of a context move to the continuation; the pair is encoded as a whole and split where
-the context's own encoding ends; an empty context is replaced by the prefix token (BOS, else
-EOS). The full-attention system truncates inputs on the left to its trained context like
-``HFLM``; converted systems have no length limit, so ``loglikelihood_rolling`` scores a whole
-document in one streaming pass. ``generate_until`` always decodes greedily.
+    python -m allmem.eval.lm_eval_cli --model allmem \\
+        --model_args pretrained=smollm2-allmem,system=allmem,window=256,sinks=4 --tasks arc_easy
 
 Needs ``lm_eval`` (``pip install lm_eval==0.4.13``); importing this module without it raises an
 ImportError that says so.
@@ -26,180 +36,149 @@ ImportError that says so.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 try:
-    from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
 except ImportError as err:  # pragma: no cover - exercised only without lm_eval
     raise ImportError(
         "allmem.eval.lm_eval_adapter needs lm-evaluation-harness: pip install lm_eval==0.4.13"
     ) from err
 
-from .systems import System, load_system
+from .systems import ConvertedSystem, System, load_system
 
-logger = logging.getLogger(__name__)
+# The max_length of a converted system left unbounded: larger than any input, and still an int
+# for HFLM's arithmetic (left truncation, rolling windows, room for generated tokens).
+UNBOUNDED = 2**62
 
-DEFAULT_MAX_GEN_TOKS = 256
+# HFLM settings that apply to an already-built model; every other model argument is a system option.
+_HFLM_SETTINGS = frozenset({
+    "truncation", "logits_cache", "softmax_dtype", "mixed_precision_dtype", "max_batch_size", "add_bos_token",
+    "prefix_token_id", "think_end_token", "enable_thinking", "chat_template_args", "trust_remote_code",
+})
 
 
-def _register(cls):
-    try:
-        return register_model("allmem")(cls)
-    except (AssertionError, ValueError, KeyError):  # already registered (module reloaded)
-        return cls
+def _system_spec(pretrained: str, kind: str, options: dict[str, Any]) -> str:
+    """``KIND:TARGET?key=value&...`` from lm-eval model arguments (which lm-eval has already
+    turned into ints, floats and bools; booleans go back as 1/0, what the spec parser reads)."""
+    text = {key: ("1" if value else "0") if isinstance(value, bool) else str(value) for key, value in options.items()}
+    query = "&".join(f"{key}={value}" for key, value in text.items())
+    return f"{kind}:{pretrained}" + (f"?{query}" if query else "")
 
 
-@_register
-class AllMemLM(LM):
-    """An ``lm_eval.api.model.LM`` over an ``allmem.eval.systems.System`` (or a spec string)."""
+@register_model("allmem")
+class AllMemLM(HFLM):
+    """lm-eval's ``HFLM`` over an ``allmem.eval.systems.System`` (see the module docstring).
+
+    ``pretrained`` is a built System or a model name/path loaded as ``system``; keyword
+    arguments named like HFLM settings go to HFLM, the rest are system options.
+    ``max_length=None`` means the trained context for ``full`` and no limit for converted
+    systems. ``progress=False`` hides the request progress bars.
+    """
 
     def __init__(
         self,
-        system: System | str | None = None,
+        pretrained: str | System,
+        system: str = "allmem",
         *,
-        spec: str | None = None,
         max_length: int | None = None,
-        prefix_token_id: int | None = None,
+        batch_size: int | str = 1,
+        device: str | None = None,
         progress: bool = True,
-        batch_size: Any = None,  # accepted for lm-eval's CLI; requests run one at a time
-        device: Any = None,
-        **_ignored: Any,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if system is None and spec is None:
-            raise ValueError("AllMemLM needs a system: AllMemLM(system) or model_args spec=KIND:MODEL")
-        source = system if system is not None else spec
-        self.system: System = load_system(source) if isinstance(source, str) else source
-        self.tokenizer = self.system.tokenizer
-        self._max_length = max_length if max_length is not None else self.system.max_length
-        self._prefix_token_id = prefix_token_id
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _HFLM_SETTINGS}
+        if isinstance(pretrained, System):
+            if kwargs or device is not None:
+                raise ValueError(
+                    f"AllMemLM got the built system {pretrained.name!r} and system options "
+                    f"{sorted(kwargs) + (['device'] if device is not None else [])}: set options when building the "
+                    "system (load_system(spec, device=...)), or pass its name as pretrained"
+                )
+            self.system = pretrained
+        elif isinstance(pretrained, str):
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.system = load_system(_system_spec(pretrained, system, kwargs), device=device)
+        else:
+            raise TypeError(
+                f"AllMemLM(pretrained=...) takes a model name, path or System, got {type(pretrained).__name__}; "
+                "for a model object use lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer)"
+            )
+        self.streams = isinstance(self.system, ConvertedSystem)
+        """Converted system: constant-size state, no length limit, generation through its cache."""
+        if self.streams and max_length is None and str(batch_size).startswith("auto"):
+            raise ValueError(
+                "batch_size=auto tries batches of max_length tokens, and a converted system has no max_length: "
+                "pass max_length=N (e.g. 4096) with batch_size=auto, or a fixed batch_size"
+            )
         self.progress = progress
-
-    # ------------------------------------------------------------- properties
-    @property
-    def max_length(self) -> int | None:
-        """Longest input scored in one piece; None = unbounded (converted systems)."""
-        return self._max_length
+        super().__init__(pretrained=self.system.model, tokenizer=self.system.tokenizer, backend="causal",
+                         max_length=max_length, batch_size=batch_size, **settings)
 
     @property
-    def prefix_token_id(self) -> int:
-        """What an empty context is replaced by (lm-eval: BOS, else EOS)."""
-        if self._prefix_token_id is not None:
-            return self._prefix_token_id
-        if self.tokenizer.bos_token_id is not None:
-            return self.tokenizer.bos_token_id
-        return self.tokenizer.eos_token_id
+    def max_length(self) -> int:
+        """Longest input scored or read in one piece (longer inputs lose tokens on the left)."""
+        if self._max_length:
+            return self._max_length
+        return UNBOUNDED if self.streams else super().max_length
 
-    @property
-    def tokenizer_name(self) -> str:
-        return getattr(self.tokenizer, "name_or_path", "tokenizer").replace("/", "__")
+    def get_model_info(self) -> dict[str, Any]:
+        # HFLM's version asks the hub for the revision of `pretrained`: here a model object
+        return {"model_num_parameters": self.model.num_parameters(), "model_dtype": str(self.model.dtype),
+                "allmem_system": self.system.name}
 
-    def chat_template(self, chat_template: bool | str = False) -> str | None:
-        if chat_template is False or chat_template is None:
-            return None
-        return getattr(self.tokenizer, "chat_template", None)
+    # ----------------------------------------------------------- generation
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                        **generation_kwargs: Any) -> torch.Tensor:
+        """HFLM's generate, after prefilling all but the last prompt column through a fresh
+        constant-size cache ``segment`` tokens at a time (left padding masked)."""
+        if not self.streams:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        mask = generation_kwargs.get("attention_mask")
+        cache = self.model.new_cache()
+        segment = self.system.segment
+        with torch.no_grad():
+            for start in range(0, context.shape[1] - 1, segment):
+                end = min(start + segment, context.shape[1] - 1)
+                self.model(context[:, start:end], attention_mask=None if mask is None else mask[:, :end],
+                           cache=cache, logits_to_keep=1)
+        return super()._model_generate(context, max_length, stop, cache=cache, **generation_kwargs)
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
-
-    # ------------------------------------------------------------- encoding
-    def tok_encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text).input_ids)
-
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids) the way lm-eval's HFLM splits them."""
-        if not context:
-            return [self.prefix_token_id], self.tok_encode(continuation)
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            continuation = context[-spaces:] + continuation
-            context = context[:-spaces]
-        whole = self.tok_encode(context + continuation)
-        context_ids = self.tok_encode(context)
-        return context_ids, whole[len(context_ids) :]
-
-    # -------------------------------------------------------------- scoring
-    def score_tokens(self, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> tuple[float, bool]:
-        """Log-probability of the continuation given the context, and whether greedy decoding
-        would produce it; the input is left-truncated to ``max_length + 1`` tokens if set."""
-        if not continuation_ids:
-            return 0.0, True
-        ids = list(context_ids) + list(continuation_ids)
-        if self.max_length is not None:
-            ids = ids[-(self.max_length + 1) :]
-        scores = self.system.token_scores(ids)
-        n = len(continuation_ids)
-        return -float(scores.nll[-n:].sum()), bool(scores.greedy[-n:].all())
-
-    def _bar(self, items: Sequence[Any], desc: str):
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, disable=not self.progress, dynamic_ncols=True)
-
+    # ------------------------------------------------- progress bars only
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        out = []
-        for request in self._bar(requests, f"loglikelihood {self.system.name}"):
-            context, continuation = request.args
-            result = self.score_tokens(*self.encode_pair(context, continuation))
-            self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
-            out.append(result)
-        return out
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.progress)
 
-        out = []
-        for request in self._bar(requests, f"loglikelihood_rolling {self.system.name}"):
-            (text,) = request.args
-            tokens = self.tok_encode(text)
-            if self.max_length is None:
-                windows = [([self.prefix_token_id], tokens)] if tokens else []
-            else:
-                windows = [
-                    make_disjoint_window(w)
-                    for w in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1)
-                ]
-            total = sum(self.score_tokens(ctx, cont)[0] for ctx, cont in windows)
-            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-            out.append(total)
-        return out
+    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+        # loglikelihood_rolling calls this with disable_tqdm=False whatever it was given
+        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or not self.progress,
+                                             override_bs=override_bs)
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for request in self._bar(requests, f"generate_until {self.system.name}"):
-            context, gen_kwargs = request.args
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_gen = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
-                logger.warning("AllMemLM decodes greedily; ignoring sampling settings %s", kwargs)
-            ids = self.tok_encode(context)
-            if self.max_length is not None:
-                ids = ids[-max(1, self.max_length - max_gen) :]
-            text = self.system.generate_ids(ids, max_gen, stop=until)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
-        return out
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.progress)
 
 
 def simple_evaluate(system: System | str, tasks: Sequence[str], *, include_path: str | Sequence[str] | None = None,
                     include_defaults: bool = True, limit: int | float | None = None, num_fewshot: int | None = None,
-                    apply_chat_template: bool = False, progress: bool = True, **kwargs: Any) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` on a system, with lm-eval's tasks (``include_defaults``;
-    indexing them takes about 10 s) and those under ``include_path``."""
+                    apply_chat_template: bool = False, progress: bool = True, batch_size: int = 1,
+                    **kwargs: Any) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on a system (a System or a spec such as
+    ``allmem:smollm2-allmem?window=256``), with lm-eval's tasks (``include_defaults``; indexing
+    them takes about 10 s) and those under ``include_path``."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     paths = list(include_path) if isinstance(include_path, (list, tuple)) else include_path
     manager = TaskManager(include_path=paths, include_defaults=include_defaults or not paths)
-    lm = AllMemLM(system, progress=progress)
+    lm = AllMemLM(load_system(system) if isinstance(system, str) else system, batch_size=batch_size,
+                  progress=progress)
     return lm_eval.simple_evaluate(
         model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
         apply_chat_template=apply_chat_template, **kwargs,
