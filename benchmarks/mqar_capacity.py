@@ -11,6 +11,7 @@ Scored: top-1, whether the read is nearest (cosine) to its own value among the P
 a tied LM head over the value tokens would need), and |write's change of the read| / |read|.
 
     .venv/bin/python benchmarks/mqar_capacity.py [--out docs/mqar]   # writes capacity.md / .json
+    .venv/bin/python benchmarks/mqar_capacity.py --retention --out docs/mqar/session3   # retention.md
 """
 
 from __future__ import annotations
@@ -73,12 +74,33 @@ GRID = {  # one factor at a time around two anchors: the spec and the skip-free 
 }
 
 
+def retention(out: Path, fillers: list[int]) -> None:
+    """The skip-free memory's top-1 after G filler writes over qk_scale x base_lr x momentum:
+    how fast writes erase what came before (the write size is what the three set together)."""
+    lines = ["# Retention of an untrained skip-free memory head (benchmarks/mqar_capacity.py --retention)", "",
+             "16 key -> value writes, G filler writes, then the 16 keys read one chunk later; top-1 = the read is "
+             "nearest its own value among the 16 (chance 0.0625). read_residual=False, d_h 64, chunk 32, e 1, mse, "
+             "clip 1.0.", "", "| qk_scale | base_lr | momentum | " + " | ".join(f"top-1 G={g}" for g in fillers) + " |",
+             "|---" * (3 + len(fillers)) + "|"]
+    for qk, lr, momentum in itertools.product((1.0, 2.0, 4.0, 8.0), (0.1, 0.3, 1.0), (0.5, 0.9)):
+        top1 = [probe(residual=False, qk_scale=qk, base_lr=lr, momentum=momentum, filler=g)["top1"] for g in fillers]
+        lines.append(f"| {qk:g} | {lr:g} | {momentum:g} | " + " | ".join(f"{t:.3f}" for t in top1) + " |")
+        print(lines[-1], flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "retention.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/mqar")
     parser.add_argument("--fillers", nargs="+", type=int, default=[0, 64, 224])
+    parser.add_argument("--retention", action="store_true",
+                        help="the qk_scale x base_lr x momentum grid of the skip-free memory instead (retention.md)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.retention:
+        retention(Path(args.out), [g for g in args.fillers if g] or [64, 224])
+        return
     rows = []
     anchors = {"spec": dict(residual=True), "skip-free": dict(residual=False)}
     for (anchor, base), (factor, options) in itertools.product(anchors.items(), GRID.items()):
