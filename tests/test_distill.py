@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import allmem
+from allmem.distill.checkpoint import save_checkpoint
 from allmem.distill.data import DataError, chat_sample, collate, length_grouped_batches, to_messages
 from allmem.distill.losses import chunked_distill_loss, scored_positions
-from allmem.distill.recipe import load_recipe
-from allmem.distill.trainer import DistillTrainer, draw_runtime
+from allmem.distill.recipe import TrainSettings, load_recipe
+from allmem.distill.trainer import DistillTrainer, draw_runtime, lr_schedule
 from tiny_models import tiny_base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +130,41 @@ def tiny_recipe(model_dir, out, steps=4, **extra):
     return load_recipe("smollm2-cpu", overrides)
 
 
+def previous_wsd_factor(step: int, steps: int, warmup: int, decay_fraction: float) -> float:
+    """The trainer's own warmup-stable-decay before it used transformers' get_wsd_schedule."""
+    decay_start = int(steps * (1 - decay_fraction))
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    if step >= decay_start:
+        return max(0.0, (steps - step) / max(1, steps - decay_start))
+    return 1.0
+
+
+def scheduled_lrs(settings: TrainSettings) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+    scheduler = lr_schedule(optimizer, settings)
+    lrs = []
+    for _ in range(settings.steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("steps,warmup,decay_fraction", [(10, 3, 0.4), (100, 10, 0.3), (4, 3, 0.5), (6, 0, 0.0),
+                                                          (200, 10, 0.2)])
+def test_lr_schedule_is_transformers_wsd_one_warmup_step_later_than_before(steps, warmup, decay_fraction):
+    """get_wsd_schedule starts the warmup at lr 0 (step 1 only warms Adam's moments): during the
+    warmup every step has the lr the step before had; from the end of the warmup on, the
+    sequence is the previous one exactly (the decay rounds its start the same way)."""
+    settings = TrainSettings(steps=steps, warmup_steps=warmup, decay_fraction=decay_fraction, lr=1.0)
+    previous = [previous_wsd_factor(step, steps, warmup, decay_fraction) for step in range(steps)]
+    expected = [step / warmup if step < warmup else previous[step] for step in range(steps)]
+    assert scheduled_lrs(settings) == pytest.approx(expected, abs=1e-12)
+    if (steps, warmup, decay_fraction) == (10, 3, 0.4):
+        assert scheduled_lrs(settings) == pytest.approx([0, 1 / 3, 2 / 3, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+
+
 def test_only_memory_trains_and_resume_reproduces_the_uninterrupted_run(tiny_smollm_dir, tmp_path):
     full = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "a"), progress=False).setup()
     frozen = {n: p.detach().clone() for n, p in full._unwrapped.named_parameters() if n not in full.params}
@@ -140,19 +176,34 @@ def test_only_memory_trains_and_resume_reproduces_the_uninterrupted_run(tiny_smo
         else:
             assert p.requires_grad
     assert all(not torch.equal(full.params[n], before[n]) for n in before if n.endswith("alpha"))
+    logged = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["lr"] for x in logged] == pytest.approx(scheduled_lrs(full.recipe.train))  # the lr each step used
 
     first = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "b"), progress=False).setup()
     head = [r.loss for r in first.train(stop_after=2)]  # "killed" after the step-2 checkpoint
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-000002"
+    # accelerate's save_state wrote the optimizer and this process's RNG; the frozen base is not saved
+    assert {"trainable.safetensors", "optimizer.bin", "random_states_0.pkl", "state.json"} <= {
+        p.name for p in checkpoint.iterdir()}
+    assert not list(checkpoint.glob("model*.safetensors"))
+    # the same state in the format written before save_state (a run started by older code)
+    save_checkpoint(tmp_path / "old" / "checkpoints", 2, first.params, first.optimizer, first.scheduler,
+                    {"recipe": first.recipe.name})
     resumed = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "b"), resume=True, progress=False).setup()
     assert resumed.step == 2
     tail = [r.loss for r in resumed.train()]
     torch.testing.assert_close(torch.tensor(head + tail), torch.tensor(losses), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "b" / "adapter" / "adapter.safetensors").is_file()
-    assert not list((tmp_path / "b" / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "b" / "checkpoints").glob(".checkpoint.*"))
     # the adapter records the recipe's window/sinks/chunk (48/.../16), not the last random draw
     saved = json.loads((tmp_path / "b" / "adapter" / "allmem_config.json").read_text())["allmem"]
     recipe = tiny_recipe(tiny_smollm_dir, tmp_path / "b").allmem_config()
     assert (saved["window"], saved["sinks"], saved["chunk"]) == (recipe.window, recipe.sinks, recipe.chunk)
+
+    old = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "old"), resume=True, progress=False).setup()
+    assert old.step == 2
+    torch.testing.assert_close(torch.tensor([r.loss for r in old.train()]), torch.tensor(tail), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "old" / "checkpoints" / "step-000004" / "random_states_0.pkl").is_file()  # then the new format
 
 
 def test_evaluation_reuses_the_teacher_and_swa_references_exactly(tiny_smollm_dir, tmp_path):
@@ -197,6 +248,52 @@ def test_two_process_cpu_run_through_accelerate_launch(tiny_smollm_dir, tmp_path
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(math.isfinite(x["loss"]) for x in lines)
     assert (tmp_path / "ddp" / "adapter" / "adapter.safetensors").is_file()
+
+
+KILLABLE_RUN = """
+import sys
+from allmem.distill.recipe import load_recipe
+from allmem.distill.trainer import DistillTrainer
+
+recipe, resume, stop_after = sys.argv[1], sys.argv[2] == "resume", int(sys.argv[3])
+DistillTrainer(load_recipe(recipe), resume=resume, progress=False).setup().train(stop_after=stop_after or None)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_reproduces_the_losses(tiny_smollm_dir, tmp_path):
+    """Under 2-process DDP: 4 steps straight, against 2 steps, a kill, and 2 resumed steps; the
+    checkpoint holds both processes' RNG (accelerate's save_state)."""
+    import yaml
+
+    script = tmp_path / "run.py"
+    script.write_text(KILLABLE_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: str, resume: bool, stop_after: int) -> None:
+        data = tiny_recipe(tiny_smollm_dir, tmp_path / out, steps=4).to_dict()
+        data["train"]["betas"] = list(data["train"]["betas"])
+        recipe = tmp_path / f"{out}.yaml"
+        recipe.write_text(yaml.safe_dump(data))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "src/allmem/recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29563",
+               str(script), str(recipe), "resume" if resume else "new", str(stop_after)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def logged(out: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    launch("straight", resume=False, stop_after=0)
+    launch("killed", resume=False, stop_after=2)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    launch("killed", resume=True, stop_after=0)
+    straight, resumed = logged("straight"), logged("killed")
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([x["loss"] for x in resumed]),
+                               torch.tensor([x["loss"] for x in straight]), rtol=1e-5, atol=1e-6)
+    assert [x["lr"] for x in resumed] == [x["lr"] for x in straight]
 
 
 @pytest.mark.real_model

@@ -25,24 +25,21 @@ from ..modeling import AllMemForCausalLM
 from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .data import DataError, Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
 from .losses import chunked_distill_loss, teacher_topk
-from .recipe import Recipe
+from .recipe import Recipe, TrainSettings
 from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
 
-def wsd_schedule(steps: int, warmup: int, decay_fraction: float):
-    """Warmup-stable-decay: linear warmup, flat, then linear decay to zero over the tail."""
-    decay_start = int(steps * (1 - decay_fraction))
+def lr_schedule(optimizer: torch.optim.Optimizer, t: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' warmup-stable-decay: linear warmup from 0 over ``warmup_steps`` (step 1 has
+    lr 0, step ``warmup_steps + 1`` the full lr), flat, then linear decay to 0 over the last
+    ``decay_fraction`` of the steps (the last step has lr / decay_steps)."""
+    from transformers import get_wsd_schedule
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        if step >= decay_start:
-            return max(0.0, (steps - step) / max(1, steps - decay_start))
-        return 1.0
-
-    return factor
+    decay_steps = t.steps - int(t.steps * (1 - t.decay_fraction))
+    return get_wsd_schedule(optimizer, num_warmup_steps=t.warmup_steps, num_decay_steps=decay_steps,
+                            num_training_steps=t.steps, decay_type="linear")
 
 
 def draw_runtime(recipe: Recipe, step: int) -> dict[str, int]:
@@ -181,14 +178,17 @@ class DistillTrainer:
         others = [p for n, p in self.params.items() if not n.endswith(".alpha")]
         groups = [{"params": others}, {"params": alphas, "lr": t.lr * t.alpha_lr_mult, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, wsd_schedule(t.steps, t.warmup_steps, t.decay_fraction))
+        # not prepared: accelerate would step it once per process, and not on a skipped step
+        self.scheduler = lr_schedule(self.optimizer, t)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # the engine's parameters (FSDP2 replaces them with sharded ones; DDP keeps them)
+        self.params = {n: p for n, p in self._unwrapped.named_parameters() if n in self.params}
 
     def _maybe_resume(self) -> None:
         if not self.resume:
             return
-        found = resume_checkpoint(self.out / "checkpoints", self.params, self.optimizer, self.scheduler)
+        found = resume_checkpoint(self.out / "checkpoints", self.params, self.optimizer, self.scheduler,
+                                  self.accelerator)
         if found is None:
             log.warning("--resume: no checkpoint under %s, starting from step 0", self.out / "checkpoints")
             return
@@ -282,6 +282,7 @@ class DistillTrainer:
         else:  # skip the update; the schedule and the data position still advance (resume stays exact)
             total.skipped = True
             log.warning("step %d: non-finite loss or gradient (loss %s); update skipped", self.step + 1, total.loss)
+        self.last_lr = self.scheduler.get_last_lr()[0]  # the lr this step used
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -387,11 +388,10 @@ class DistillTrainer:
                                    f"{self.step}; nothing was saved; lower train.lr and resume from the last checkpoint")
 
     def save(self) -> None:
+        """A checkpoint through accelerate's save_state: every process takes part."""
         self._check_finite_params()  # a checkpoint is never written with non-finite weights
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.out / "checkpoints", self.step, self.params, self.optimizer, self.scheduler,
-                            {"recipe": self.recipe.name})
+        save_checkpoint(self.out / "checkpoints", self.step, self.params, self.optimizer, self.scheduler,
+                        {"recipe": self.recipe.name}, self.accelerator)
 
     def train(self, stop_after: int | None = None) -> list[StepResult]:
         """Run to ``train.steps`` (or stop after ``stop_after`` more steps, to simulate a kill)."""
@@ -413,7 +413,7 @@ class DistillTrainer:
             bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{rate:.0f}", **{k[0].upper(): v for k, v in self.last_runtime.items()})
             self._log({"step": self.step, "loss": res.loss, "kl": res.kl, "ce": res.ce, "tokens": res.tokens,
                        "source": self.last_sources, "skipped": res.skipped, "tok_s": rate,
-                       "lr": self.scheduler.get_last_lr()[0], "elapsed_s": elapsed, **self.last_runtime})
+                       "lr": self.last_lr, "elapsed_s": elapsed, **self.last_runtime})
             self.bad_in_a_row = self.bad_in_a_row + 1 if res.skipped else 0
             if self.bad_in_a_row >= t.max_bad_steps:
                 bar.close()
