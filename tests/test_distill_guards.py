@@ -24,6 +24,7 @@ from test_distill import tiny_recipe
     ("train.kl_chunk=0", "train.kl_chunk must be > 0"),
     ("train.decay_fraction=2", "decay_fraction"),
     ("train.init_adapter=3", "train.init_adapter must be str or None"),
+    ("dtype=float64", "dtype must be one of float32, bfloat16, float16"),
 ])
 def test_recipe_overrides_with_wrong_types_or_ranges_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -171,9 +172,14 @@ def test_saved_files_keep_the_users_normal_permissions(tmp_path, tiny_smollm_dir
         opt = torch.optim.AdamW(params.values())
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         step_dir = save_checkpoint(tmp_path / "ckpt", 1, params, opt, sched, {})
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()  # accelerate's save_state writes the optimizer and RNG files
+        saved_state = save_checkpoint(tmp_path / "ckpt2", 1, params, accelerator.prepare(opt), sched, {}, accelerator)
     finally:
         os.umask(old)
-    files = [*(tmp_path / "adapter").iterdir(), tmp_path / "state.safetensors", *step_dir.iterdir()]
+    files = [*(tmp_path / "adapter").iterdir(), tmp_path / "state.safetensors", *step_dir.iterdir(),
+             *saved_state.iterdir()]
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
-    assert step_dir.stat().st_mode & 0o777 == 0o755
+    assert step_dir.stat().st_mode & 0o777 == 0o755 and saved_state.stat().st_mode & 0o777 == 0o755

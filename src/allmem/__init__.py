@@ -3,11 +3,12 @@ converted from any pretrained decoder-only LLM."""
 
 from .cache import AllMemCache
 from .config import AllMemConfig, ConfigError
+from .constants import DEFAULT_BASE
 from .convert import SUPPORTED_FAMILIES, UnsupportedModelError, convert, from_pretrained
 from .modeling import AdapterMismatchError, AllMemForCausalLM, AllMemPretrainedConfig
 
 
-def load_base(name_or_path: str = "smollm2", **kwargs):
+def load_base(name_or_path: str = DEFAULT_BASE, **kwargs):
     """Load a pretrained base model and its tokenizer (embedded name, local path or hub id)."""
     from .loading import load_base as _load_base
 

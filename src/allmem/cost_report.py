@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import AllMemConfig
+from .constants import PACKAGE_DIR
 from .cost import ARCHS, PHASES, cache_bytes, flops, memory_parameter_count, model_shape
 
 ARCH_LABELS = {"full": "full attention", "swa": "SWA + sinks", "allmem": "AllMem"}
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "float8": 1, "fp8": 1}
-CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIG_DIR = PACKAGE_DIR / "model_configs"
 PAPER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 PAPER_CONFIG = AllMemConfig(window=4096, sinks=64, chunk=2048)
 """The paper's fig. 3 setting: window 4096, chunk 2048; the paper does not give S, 64 here."""

@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from ..config import AllMemConfig, ConfigError
+from ..constants import DEFAULT_BASE, DTYPE_NAMES, PACKAGE_DIR
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_DIR = PACKAGE_DIR / "recipes"
 """The built-in recipes (and accelerate configs under ``accelerate/``), shipped inside the package."""
 
 
@@ -88,7 +89,7 @@ def _check_types(settings: TrainSettings) -> None:
 @dataclass
 class Recipe:
     name: str = "custom"
-    base: str = "smollm2"
+    base: str = DEFAULT_BASE
     dtype: str = "float32"
     allmem: dict[str, Any] = field(default_factory=dict)
     randomize: dict[str, list[int]] = field(default_factory=dict)
@@ -147,6 +148,8 @@ class Recipe:
             raise ConfigError(f"train.output_dir {t.output_dir!r} is a file; choose a directory")
         if t.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {t.mixed_precision!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
 
     def allmem_config(self) -> AllMemConfig:
         return AllMemConfig.from_dict(self.allmem)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..constants import torch_dtype
 from ..modeling import AllMemForCausalLM
 from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .data import DataError, Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
@@ -129,7 +130,7 @@ class DistillTrainer:
     def _setup_model(self) -> None:
         from .. import convert, load_base
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.recipe.dtype]
+        dtype = torch_dtype(self.recipe.dtype)
         base, self.tokenizer = load_base(self.recipe.base, dtype=dtype)
         model = convert(base, self.recipe.allmem_config(), base_name=self.recipe.base)
         if self.recipe.train.gradient_checkpointing:
