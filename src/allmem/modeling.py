@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache import AllMemCache, first_non_finite
+from .compat import CACHE_NAME, cache_argument, causal_lm_output
 from .config import AllMemConfig, ConfigError
 from .files import atomic_temp_dir, file_sha256, normal_permissions
 from .layer import AllMemAttention, Segment
@@ -181,6 +181,10 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    # generate(cache=...) on every transformers version (before 5.24 it knows past_key_values only),
+    # past_key_values=... too: handed on under the installed version's name
+    generate = cache_argument(CACHE_NAME)(GenerationMixin.generate)
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
@@ -229,7 +233,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
                 layer.self_attn = wrapper
 
     # -------------------------------------------------------------- forward
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @cache_argument("cache")  # past_key_values= too: the name generate() passes before transformers 5.24
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -314,7 +318,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         if all_hidden is not None:  # as transformers' decoders: the last one is after the final norm
             hidden_states = (*all_hidden[:-1], hidden)
         if return_hidden:
-            return CausalLMOutputWithPast(hidden_states=hidden, cache=cache if use_cache else None)
+            return causal_lm_output(hidden_states=hidden, cache=cache if use_cache else None)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -325,8 +329,8 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None,
-                                      hidden_states=hidden_states)
+        return causal_lm_output(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                hidden_states=hidden_states)
 
     def _check_cache(self, cache: AllMemCache, batch: int) -> None:
         if not isinstance(cache, AllMemCache):
