@@ -2,6 +2,7 @@
 killed writer's temp files (never a live writer's), and ``--resume`` skips a damaged newest
 checkpoint for the one before it, saying so."""
 
+import json
 import logging
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 import allmem
 from allmem import cli
-from allmem.distill.checkpoint import CheckpointDamagedError, resume_checkpoint, save_checkpoint
+from allmem.distill.checkpoint import CheckpointDamagedError, load_checkpoint, resume_checkpoint, save_checkpoint
 from allmem.distill.trainer import DistillTrainer
 from allmem.modeling import ADAPTER_WEIGHTS
 from test_clear_errors import one_step_distill_args
@@ -26,7 +27,8 @@ KILLED_MID_SAVE = textwrap.dedent("""
     import allmem, allmem.cache, allmem.distill.checkpoint, allmem.modeling
 
     kind, out, adapter = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    module = {"checkpoint": allmem.distill.checkpoint, "state": allmem.cache, "adapter": allmem.modeling}[kind]
+    module = {"checkpoint": allmem.distill.checkpoint, "accelerated checkpoint": allmem.distill.checkpoint,
+              "state": allmem.cache, "adapter": allmem.modeling}[kind]
     write = module.save_file
     def write_then_hang(tensors, path, *args, **kwargs):
         write(tensors, path, *args, **kwargs)
@@ -34,11 +36,16 @@ KILLED_MID_SAVE = textwrap.dedent("""
         time.sleep(600)
 
     module.save_file = write_then_hang
-    if kind == "checkpoint":
+    if kind.endswith("checkpoint"):
+        from accelerate import Accelerator
+
         params = {"w": torch.nn.Parameter(torch.ones(4096))}
         optimizer = torch.optim.AdamW(params.values())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        module.save_checkpoint(out, 1, params, optimizer, scheduler, {})
+        accelerator = Accelerator() if kind == "accelerated checkpoint" else None
+        if accelerator is not None:
+            optimizer = accelerator.prepare(optimizer)
+        module.save_checkpoint(out, 1, params, optimizer, scheduler, {}, accelerator)
     else:
         model = allmem.from_pretrained(adapter)
         if kind == "state":
@@ -55,16 +62,23 @@ def _hidden(directory):
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
-def _tiny_training_state():
+def _tiny_training_state(accelerated=False):
+    """Parameters, optimizer, scheduler and (accelerated) the Accelerator that prepared the optimizer."""
+    from accelerate import Accelerator
+
     params = {"w": torch.nn.Parameter(torch.ones(3))}
     optimizer = torch.optim.AdamW(params.values())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return params, optimizer, scheduler
+    accelerator = Accelerator() if accelerated else None
+    if accelerated:
+        optimizer = accelerator.prepare(optimizer)
+    return params, optimizer, scheduler, accelerator
 
 
 def _save_again(kind, tmp_path, adapter):
-    if kind == "checkpoint":
-        save_checkpoint(tmp_path, 2, *_tiny_training_state(), {})
+    if kind.endswith("checkpoint"):
+        params, optimizer, scheduler, accelerator = _tiny_training_state(kind == "accelerated checkpoint")
+        save_checkpoint(tmp_path, 2, params, optimizer, scheduler, {}, accelerator)
         return tmp_path / "step-000002" / "state.json"
     model = allmem.from_pretrained(adapter)
     if kind == "state":
@@ -76,8 +90,8 @@ def _save_again(kind, tmp_path, adapter):
     return tmp_path / "adapter" / ADAPTER_WEIGHTS
 
 
-@pytest.mark.parametrize("kind,name", [("checkpoint", "checkpoint"), ("state", "state.safetensors"),
-                                       ("adapter", "adapter")])
+@pytest.mark.parametrize("kind,name", [("checkpoint", "checkpoint"), ("accelerated checkpoint", "checkpoint"),
+                                       ("state", "state.safetensors"), ("adapter", "adapter")])
 def test_the_next_save_removes_what_a_killed_save_left_but_not_a_live_save(kind, name, tmp_path, tiny_adapter):
     writer = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, kind, str(tmp_path), str(tiny_adapter)],
                               stdout=subprocess.PIPE, text=True)
@@ -110,11 +124,16 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_continues_exactly(tiny_s
     torch.testing.assert_close(torch.tensor(again), torch.tensor(losses[2:4]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "nan", "empty state", "missing file"])
-def test_resume_with_every_checkpoint_damaged_is_refused(tmp_path, damage):
-    params, optimizer, scheduler = _tiny_training_state()
-    path = save_checkpoint(tmp_path, 1, params, optimizer, scheduler, {})
+@pytest.mark.parametrize("accelerated", [False, True], ids=["format 1", "save_state"])
+@pytest.mark.parametrize("damage", ["truncate", "nan", "empty state", "missing file", "truncate optimizer",
+                                    "nan optimizer"])
+def test_resume_with_every_checkpoint_damaged_is_refused(tmp_path, damage, accelerated):
+    params, optimizer, scheduler, accelerator = _tiny_training_state(accelerated)
+    params["w"].grad = torch.ones(3)
+    optimizer.step()  # the optimizer holds state to damage
+    path = save_checkpoint(tmp_path, 1, params, optimizer, scheduler, {}, accelerator)
     target = path / "trainable.safetensors"
+    optimizer_file = path / ("optimizer.bin" if accelerated else "optimizer.safetensors")
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:20])
     elif damage == "nan":
@@ -122,19 +141,40 @@ def test_resume_with_every_checkpoint_damaged_is_refused(tmp_path, damage):
         save_file({"w": torch.tensor([1.0, float("nan"), 1.0])}, str(target))
     elif damage == "empty state":
         (path / "state.json").write_text("")
-    else:
-        (path / "rng.safetensors").unlink()
+    elif damage == "missing file":
+        (path / ("random_states_0.pkl" if accelerated else "rng.safetensors")).unlink()
+    elif damage == "truncate optimizer":
+        optimizer_file.write_bytes(optimizer_file.read_bytes()[:-10])
+    else:  # a NaN in Adam's moments, written the way each format writes them
+        state = optimizer.state_dict()
+        state["state"][0]["exp_avg"][1] = float("nan")
+        if accelerated:
+            torch.save(state, optimizer_file)
+            meta = json.loads((path / "state.json").read_text())
+            meta["files"]["optimizer.bin"] = optimizer_file.stat().st_size  # at full size: only the NaN is wrong
+            (path / "state.json").write_text(json.dumps(meta))
+        else:
+            from safetensors.torch import save_file
+            save_file({"state.0.exp_avg": state["state"][0]["exp_avg"],
+                       "state.0.exp_avg_sq": state["state"][0]["exp_avg_sq"]}, str(optimizer_file))
     before = params["w"].detach().clone()
     with pytest.raises(CheckpointDamagedError, match="step-000001.*start over without --resume"):
-        resume_checkpoint(tmp_path, params, optimizer, scheduler)
+        resume_checkpoint(tmp_path, params, optimizer, scheduler, accelerator)
     assert torch.equal(params["w"], before)
+
+
+def test_a_save_state_checkpoint_needs_the_accelerator(tmp_path):
+    params, optimizer, scheduler, accelerator = _tiny_training_state(accelerated=True)
+    path = save_checkpoint(tmp_path, 1, params, optimizer, scheduler, {}, accelerator)
+    with pytest.raises(ValueError, match="written by accelerate's save_state: load it with the Accelerator"):
+        load_checkpoint(path, params, optimizer, scheduler)
 
 
 def test_cli_resume_of_a_damaged_run_is_one_error_line(tiny_smollm_dir, tmp_path, capsys):
     common = one_step_distill_args(tiny_smollm_dir, tmp_path / "run")
     assert cli.main(["distill", "--recipe", "smollm2-cpu", "--quiet", *common]) == 0
     capsys.readouterr()
-    (tmp_path / "run" / "checkpoints" / "step-000001" / "optimizer.safetensors").write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "step-000001" / "optimizer.bin").write_bytes(b"")
     assert cli.main(["distill", "--recipe", "smollm2-cpu", "--quiet", "--resume", *common, "train.steps=2"]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error")]
