@@ -28,8 +28,26 @@ def test_convert_then_generate_from_a_file(tmp_path, capsys):
     assert "cache" in captured.err and "MiB" in captured.err
 
 
-def test_bad_prompt_file_and_bad_window(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["generate", "--prompt-file", str(tmp_path / "missing.txt")])
+def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, capsys):
     assert main(["convert", "--window", "0", "--out", str(tmp_path / "x")]) == 2
     assert "window must be a positive integer" in capsys.readouterr().err
+    assert main(["generate-data", "--out", str(tmp_path / "x.jsonl"), "--lengths", "10", "5"]) == 2
+    assert capsys.readouterr().err == "error: --lengths 10 5: give MIN MAX with 0 < MIN <= MAX\n"
+
+
+def test_a_missing_prompt_file_is_named_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import allmem.cli
+
+    monkeypatch.setattr(allmem.cli, "_load_model", lambda *a: pytest.fail("the model loaded before the prompt was read"))
+    assert main(["generate", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt file") and "does not exist (use - to read standard input)" in err
+
+
+@pytest.mark.parametrize("option", [["--top-p", "0"], ["--top-k", "-1"], ["--temperature", "-0.5"],
+                                    ["--max-new-tokens", "0"], ["--segment", "0"]])
+def test_decoding_options_are_checked_by_the_parser(option, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--prompt-file", "-", *option])
+    assert done.value.code == 2
+    assert f"error: argument {option[0]}: expected" in capsys.readouterr().err

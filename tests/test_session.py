@@ -1,6 +1,7 @@
 """Sessions: one constant-size state across chat turns, saved and resumed exactly
 (`allmem chat --session`), and `allmem read FILE` in bounded memory."""
 
+import io
 import json
 import math
 import os
@@ -13,6 +14,9 @@ import torch
 import allmem
 from allmem.cli import main
 from allmem.session import Session, SessionError, TurnTemplate, iter_text_blocks
+from allmem.streaming import Sampling, continue_text, ingest
+
+QUESTION = "Where is the key?"
 
 
 def _model(adapter):
@@ -33,11 +37,11 @@ def test_chat_session_resumed_in_another_process_continues_exactly(tiny_adapter,
     questions = ["Where is the key?", "And the lock?", "Say it again."]
     model, tok = _model(tiny_adapter)
     reference = Session(model, tok)
-    replies = ["".join(reference.ask(q, max_new_tokens=6)) for q in questions]
+    replies = [reference.ask(q, max_new_tokens=6) for q in questions]
     assert reference.turns == 3 and reference.phase == "closed"
 
     first = Session(model, tok)
-    assert "".join(first.ask(questions[0], max_new_tokens=6)) == replies[0]
+    assert first.ask(questions[0], max_new_tokens=6) == replies[0]
     path = tmp_path / "chat.safetensors"
     first.save(path)
     size_after_one_turn = path.stat().st_size
@@ -106,7 +110,7 @@ def test_read_cli_saves_a_state_that_chat_and_ask_continue(tiny_adapter, tmp_pat
     by_hand = Session(model, tok)
     by_hand.read(doc.read_text(encoding="utf-8"))
     assert by_hand.phase == "open"
-    list(by_hand.ask("What is the vault code?", max_new_tokens=4))
+    by_hand.ask("What is the vault code?", max_new_tokens=4)
     for name, value in by_hand.cache.tensors().items():
         assert torch.equal(value, session.cache.tensors()[name]), name
 
@@ -114,7 +118,7 @@ def test_read_cli_saves_a_state_that_chat_and_ask_continue(tiny_adapter, tmp_pat
 def test_a_session_refuses_another_model_or_a_plain_cache(tiny_adapter, tiny_smollm_dir, tmp_path):
     model, tok = _model(tiny_adapter)
     session = Session(model, tok)
-    list(session.ask("hello", max_new_tokens=2))
+    session.ask("hello", max_new_tokens=2)
     path = tmp_path / "s.safetensors"
     session.save(path)
 
@@ -172,3 +176,74 @@ def test_the_main_job_runs_end_to_end_and_writes_its_report(tiny_adapter, tmp_pa
     saved = json.loads((tmp_path / "report.json").read_text())
     assert {k: saved[k] for k in ("ppl", "passkey")} == json.loads(json.dumps({k: report[k] for k in ("ppl", "passkey")}))
     assert all(0 <= score <= 100 for s in report["passkey"].values() for score in s["passkey"].values())
+
+
+# ------------------------------------------------------------------ the one decode path
+def test_every_caller_decodes_alike_and_cuts_at_a_stop_string(tiny_adapter, tmp_path, capsys, monkeypatch):
+    """Session.ask, an eval system, `allmem generate --chat` (streamed and --quiet) and `allmem
+    chat` decode the same prompt through streaming.continue_text: the same reply, and a stop
+    string cuts it at the same place, in the streamed output too."""
+    from allmem.eval.systems import load_system
+
+    model, tok = _model(tiny_adapter)
+    system = load_system(f"allmem:{tiny_adapter}")
+    prompt = tmp_path / "question.txt"
+    prompt.write_text(QUESTION, encoding="utf-8")
+
+    def replies(stop: list[str]) -> dict[str, str]:
+        options = ["--model", str(tiny_adapter), "--max-new-tokens", "12", *(a for s in stop for a in ("--stop", s))]
+        got = {"session": Session(model, tok).ask(QUESTION, max_new_tokens=12, stop=stop),
+               "system": system.generate(QUESTION, 12, chat=True, stop=stop)}
+        for quiet in ([], ["--quiet"]):
+            assert main(["generate", "--prompt-file", str(prompt), "--chat", *quiet, *options]) == 0
+            got[f"generate {quiet}"] = capsys.readouterr().out.removesuffix("\n")
+        monkeypatch.setattr("sys.stdin", io.StringIO(QUESTION + "\n"))
+        assert main(["chat", *options]) == 0
+        got["chat"] = capsys.readouterr().out.removeprefix(f"you> {QUESTION}\nallmem> ").removesuffix("\n")
+        return got
+
+    free = replies([])
+    reply = free["session"]
+    assert len(reply) >= 6 and set(free.values()) == {reply}, free
+    stop = reply[3:6]
+    cut = replies([stop])
+    assert set(cut.values()) == {reply[: reply.index(stop)]}, cut
+
+
+def test_the_state_holds_the_whole_reply_but_no_end_token(tiny_adapter):
+    """generate() never feeds its last token: continue_text(feed_last=True) does, so the state
+    after a reply cut by length equals reading prompt and reply by hand; an end token is not fed."""
+    model, tok = _model(tiny_adapter)
+    ids = tok("The key is under the mat. Where is the key?", return_tensors="pt").input_ids
+
+    def read_by_hand(tokens: list[int]):
+        cache = ingest(model, ids[:, :-1], model.new_cache(), segment=4, progress=False)
+        return ingest(model, torch.tensor([ids[0, -1:].tolist() + tokens]), cache, segment=1, progress=False)
+
+    cache = model.new_cache()
+    reply = continue_text(model, tok, ids, cache, max_new_tokens=5, segment=4, feed_last=True)
+    assert len(reply.token_ids) == 5 and not reply.ended
+    expected = read_by_hand(reply.token_ids).tensors()
+    assert all(torch.equal(cache.tensors()[name], value) for name, value in expected.items())
+
+    first = reply.token_ids[0]  # make the first reply token an end token: the reply is empty
+    model.generation_config.eos_token_id = [tok.eos_token_id, first]
+    cache = model.new_cache()
+    ended = continue_text(model, tok, ids, cache, max_new_tokens=5, segment=4, feed_last=True)
+    assert (ended.text, ended.token_ids, ended.ended) == ("", [first], True)
+    expected = read_by_hand([]).tensors()
+    assert all(torch.equal(cache.tensors()[name], value) for name, value in expected.items())
+
+
+def test_sampling_repeats_with_the_seed_and_checks_its_settings(tiny_adapter):
+    model, tok = _model(tiny_adapter)
+
+    def sample(seed: int) -> str:
+        torch.manual_seed(seed)
+        return Session(model, tok).ask(QUESTION, max_new_tokens=8, sampling=Sampling(temperature=1.0, top_k=0))
+
+    assert sample(0) == sample(0) != sample(1)
+    assert sample(0) != Session(model, tok).ask(QUESTION, max_new_tokens=8)  # greedy
+    for bad, match in (({"temperature": -1}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_p": 0}, "top_p")):
+        with pytest.raises(ValueError, match=match):
+            Sampling(**bad)

@@ -8,7 +8,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEFAULT_BASE = "smollm2"
 DEFAULT_ADAPTER = "smollm2-allmem"  # ships in the package: the distilled memory of DEFAULT_BASE
@@ -29,6 +31,52 @@ def _dtype(name: str):
     if name not in table:
         raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {sorted(table)}")
     return table[name]
+
+
+class CommandLineError(ValueError):
+    """Options that do not fit together (argparse checks each one alone)."""
+
+
+def _number(text: str, kind: Callable[[str], Any], noun: str, ok: Callable[[Any], bool]) -> Any:
+    """An option value of type ``kind`` for which ``ok(value)`` holds, else argparse's error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v > 0)
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, float, "a number >= 0", lambda v: v >= 0)
+
+
+def _probability(text: str) -> float:
+    return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def _add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The options of ``streaming.continue_text``, the one decode path."""
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens,
+                   help=f"longest reply in tokens (default {max_new_tokens})")
+    g.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-k", type=_non_negative_int, default=50, help="sample from the k likeliest tokens (0: all; "
+                   "default 50)")
+    g.add_argument("--top-p", type=_probability, default=1.0, help="nucleus: the likeliest tokens holding this "
+                   "probability (default 1.0: all)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the reply before TEXT (repeatable; end-of-turn tokens always end it)")
 
 
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
@@ -89,43 +137,42 @@ def _read_prompt(source: str) -> str:
         return sys.stdin.read()
     path = Path(source)
     if not path.is_file():
-        raise SystemExit(f"error: prompt file {source!r} does not exist (use - to read standard input)")
+        raise FileNotFoundError(f"prompt file {source!r} does not exist (use - to read standard input)")
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _generate_text(model, tokenizer, prompt: str, args) -> str:
+def _sampling(args):
+    """The decoding options (``_add_decoding_args``) as a ``Sampling``; seeds torch's generator."""
     import torch
-    from transformers import TextStreamer
 
-    from .streaming import ingest
+    from .streaming import Sampling
 
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _print_piece(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def cmd_generate(args) -> int:
+    from .streaming import continue_text
+
+    prompt = _read_prompt(args.prompt_file)  # before the (slow) load
+    sampling = _sampling(args)
+    model, tokenizer = _load_model(args.model, args)
     if args.chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     cache = model.new_cache()
-    if ids.shape[1] > 1:
-        ingest(model, ids[:, :-1], cache, segment=args.segment, progress=not args.quiet)
-    streamer = None if args.quiet else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
-        if args.temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=args.max_new_tokens,
-                             streamer=streamer, **sampling)
-    print(f"\n[prompt {ids.shape[1]} tokens, cache {cache.nbytes() / 2**20:.2f} MiB, constant in length]", file=sys.stderr)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def cmd_generate(args) -> int:
-    import torch
-
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model, tokenizer = _load_model(args.model, args)
-    text = _generate_text(model, tokenizer, _read_prompt(args.prompt_file), args)
-    if args.quiet:
-        print(text)
+    reply = continue_text(model, tokenizer, ids, cache, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                          stop_strings=args.stop or (), segment=args.segment, progress=not args.quiet,
+                          on_text=None if args.quiet else _print_piece)
+    print(reply.text if args.quiet else "", flush=True)
+    print(f"[prompt {ids.shape[1]} tokens, cache {cache.nbytes() / 2**20:.2f} MiB, constant in length]", file=sys.stderr)
     return 0
 
 
@@ -196,21 +243,16 @@ def _open_session(args, model, tokenizer, saved):
     return Session(model, tokenizer, segment=args.segment)
 
 
-def _answer(session, question: str, args) -> str:
-    import torch
-
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    pieces = []
-    for piece in session.ask(question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, generator=generator):
-        pieces.append(piece)
-        print(piece, end="", flush=True)
+def _answer(session, question: str, args, sampling) -> None:
+    """The reply printed as it is generated, then a newline."""
+    session.ask(question, max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop or (),
+                on_text=_print_piece)
     print(flush=True)
-    return "".join(pieces)
 
 
 def cmd_chat(args) -> int:
     """Chat in one constant-size state; with --session it is saved after every turn."""
+    sampling = _sampling(args)
     with _session_file(args.session) as saved:
         model, tokenizer = _load_model(args.model, args)
         session = _open_session(args, model, tokenizer, saved)
@@ -229,7 +271,7 @@ def cmd_chat(args) -> int:
             if not interactive:
                 print(f"you> {line.strip()}")
             print("allmem> ", end="", flush=True)
-            _answer(session, line.strip(), args)
+            _answer(session, line.strip(), args, sampling)
             if args.session:
                 session.save(args.session)
         print(f"[{session.turns} turns, {session.tokens_read} tokens, state {session.cache.nbytes() / 2**20:.2f} MiB]",
@@ -241,6 +283,7 @@ def cmd_read(args) -> int:
     """Stream a text file of any length into a saved state, then optionally ask about it."""
     from .streaming import resident_mib
 
+    sampling = _sampling(args)
     with _session_file(args.session) as saved:  # a bad --session fails before the model loads or FILE is read
         if not Path(args.file).is_file():
             raise FileNotFoundError(f"no text file at {args.file}")
@@ -255,7 +298,7 @@ def cmd_read(args) -> int:
               file=sys.stderr)
         for question in args.ask or []:
             print(f"Q: {question}\nA: ", end="", flush=True)
-            _answer(session, question, args)
+            _answer(session, question, args, sampling)
             session.save(args.session)
     return 0
 
@@ -302,7 +345,13 @@ def cmd_generate_data(args) -> int:
 
     from .distill.data import read_records, to_messages
     from .distill.tasks import TASKS, make_example
+    from .streaming import Sampling, continue_text
 
+    low, high = args.lengths
+    if not 0 < low <= high:
+        raise CommandLineError(f"--lengths {low} {high}: give MIN MAX with 0 < MIN <= MAX")
+    sampling = Sampling(temperature=args.temperature)
+    torch.manual_seed(args.seed)  # the same samples on a rerun
     model, tokenizer = _load_model(args.model, args)
     prompts: list[list[dict]] = []
     if args.prompts:
@@ -325,10 +374,8 @@ def cmd_generate_data(args) -> int:
         for messages in tqdm(prompts[done:], desc="on-policy", unit="prompt", initial=done, total=len(prompts)):
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                 return_dict=True)["input_ids"]
-            with torch.no_grad():
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                     do_sample=args.temperature > 0, temperature=args.temperature or None)
-            answer = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            answer = continue_text(model, tokenizer, ids, model.new_cache(), max_new_tokens=args.max_new_tokens,
+                                   sampling=sampling).text
             f.write(json.dumps({"messages": [*messages, {"role": "assistant", "content": answer}],
                                 "source": "on-policy"}) + "\n")
             f.flush()
@@ -336,14 +383,6 @@ def cmd_generate_data(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _load_for_export(spec: str, args):
@@ -449,13 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate from an AllMem adapter directory or a base model converted on the fly.")
     _add_model_arg(p)
     p.add_argument("--prompt-file", required=True, help="text file with the prompt, or - for standard input")
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--segment", type=int, default=1024, help="tokens ingested per forward (memory use scales with it)")
+    _add_decoding_args(p, max_new_tokens=64)
+    p.add_argument("--segment", type=_positive_int, default=1024,
+                   help="tokens ingested per forward (memory use scales with it)")
     p.add_argument("--dtype", type=_dtype, default="float32")
     p.add_argument("--quiet", action="store_true", help="no progress bar or streaming; print the text at the end")
     _add_conversion_args(p)
@@ -474,20 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="all 49 essays (154k tokens), ppl to 32k, more passkey depths, NIAH (about an hour)")
     p.set_defaults(plan="default")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--window", type=int, default=256, help="sliding window W (default 256)")
-    p.add_argument("--sinks", type=int, default=4, help="sink tokens S (default 4)")
-    p.add_argument("--segment", type=int, default=1024, help="tokens per forward while streaming")
+    p.add_argument("--window", type=_positive_int, default=256, help="sliding window W (default 256)")
+    p.add_argument("--sinks", type=_non_negative_int, default=4, help="sink tokens S (default 4)")
+    p.add_argument("--segment", type=_positive_int, default=1024, help="tokens per forward while streaming")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     def add_session_args(p, session_help, required=False):
         _add_model_arg(p)
         p.add_argument("--session", required=required, help=session_help)
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=None)
-        p.add_argument("--segment", type=int, default=1024, help="tokens per forward while reading")
+        _add_decoding_args(p, max_new_tokens=256)
+        p.add_argument("--segment", type=_positive_int, default=1024, help="tokens per forward while reading")
         p.add_argument("--dtype", type=_dtype, default="float32")
         _add_conversion_args(p)
 
@@ -533,11 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write JSONL chat samples whose responses the student generated.")
     _add_model_arg(p)
     p.add_argument("--prompts", help="JSONL of prompts (messages / conversations / prompt); default: built-in tasks")
-    p.add_argument("--tasks", type=int, default=32, help="number of built-in task prompts when --prompts is not given")
+    p.add_argument("--tasks", type=_positive_int, default=32,
+                   help="number of built-in task prompts when --prompts is not given")
     p.add_argument("--lengths", type=int, nargs=2, default=(1024, 2048), metavar=("MIN", "MAX"))
     p.add_argument("--out", required=True, help="output JSONL (appended to; rerunning resumes)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", type=_dtype, default="float32")
     _add_conversion_args(p)
@@ -612,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
+    except (CommandLineError, ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
             EmbeddedModelNotInstalledError, HubUnreachableError, DataError, SessionError, CacheFileError,
             AdapterFileError, CheckpointMismatchError, CheckpointDamagedError, ServeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .cost import cache_bytes
 from .eval.common import format_table
+from .eval.systems import SystemSpec
 
 NEEDLES = (  # planted fact, question, expected answer
     ("The secret passkey of the archive is 73914.", "What is the secret passkey of the archive?", "73914"),
@@ -53,18 +54,15 @@ PLANS = {
 }
 
 
-def system_specs(model: str, window: int, sinks: int) -> dict[str, str]:
+def system_specs(model: str, window: int, sinks: int) -> dict[str, SystemSpec]:
     """The three systems compared: full attention on the base, SWA + sinks, AllMem."""
     from .modeling import adapter_dir, read_adapter_config
 
-    if adapter_dir(model) is not None:
-        base = read_adapter_config(model)["base"]
-        return {"full": f"full:{base}?name=full attention",
-                "swa": f"swa:{model}?window={window}&sinks={sinks}&name=SWA %2B sinks",
-                "allmem": f"allmem:{model}?window={window}&sinks={sinks}&name=AllMem"}
-    return {"full": f"full:{model}?name=full attention",
-            "swa": f"swa:{model}?window={window}&sinks={sinks}&name=SWA %2B sinks",
-            "allmem": f"allmem:{model}?window={window}&sinks={sinks}&name=AllMem (untrained)"}
+    trained = adapter_dir(model) is not None
+    runtime = {"window": window, "sinks": sinks}
+    return {"full": SystemSpec("full", read_adapter_config(model)["base"] if trained else model, label="full attention"),
+            "swa": SystemSpec("swa", model, runtime, label="SWA + sinks"),
+            "allmem": SystemSpec("allmem", model, runtime, label="AllMem" if trained else "AllMem (untrained)")}
 
 
 # ------------------------------------------------------------------ 1. streaming
@@ -105,7 +103,7 @@ def stream_and_ask(model, tokenizer, out_dir: Path, stream_tokens: int | None, *
     answers = []
     for (fact, question, expected), depth in zip(NEEDLES, depths):
         asker = Session.load(state_path, model, tokenizer, segment=segment)
-        reply = "".join(asker.ask(question + " Answer briefly.", max_new_tokens=24)).strip()
+        reply = asker.ask(question + " Answer briefly.", max_new_tokens=24).strip()
         answers.append({"question": question, "expected": expected, "answer": reply,
                         "correct": expected.lower() in reply.lower(),
                         "tokens_back": int(round((1 - depth) * tokens))})
@@ -142,7 +140,7 @@ def _plot_stream(result: dict, kv_per_token: int, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ 3. passkey
-def passkey(specs: dict[str, str], out_dir: Path, plan: DemoPlan, progress: bool = True) -> dict[str, dict]:
+def passkey(specs: dict[str, SystemSpec], out_dir: Path, plan: DemoPlan, progress: bool = True) -> dict[str, dict]:
     from .eval.synthetic import run_synthetic
     from .eval.systems import load_system
 
@@ -205,7 +203,7 @@ def run_demo(model_spec: str, out_dir: str | Path, plan: str | DemoPlan = "defau
              sinks: int = 4, segment: int = 1024, progress: bool = True, log=print) -> dict:
     from . import from_pretrained
     from .eval.ppl import run_ppl
-    from .eval.systems import load_system, parse_spec
+    from .eval.systems import load_system
     from .modeling import adapter_dir
 
     if isinstance(plan, str):
@@ -217,7 +215,8 @@ def run_demo(model_spec: str, out_dir: str | Path, plan: str | DemoPlan = "defau
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = system_specs(model_spec, window, sinks)
-    names = {k: parse_spec(s).name for k, s in specs.items()}
+    names = {k: s.name for k, s in specs.items()}
+    ppl_systems = [str(s) for s in specs.values()]  # run_ppl takes specs in their command-line form
     t_start = time.perf_counter()
     report = {"model": model_spec, "plan": plan_name, "settings": asdict(plan), "window": window, "sinks": sinks}
 
@@ -236,14 +235,14 @@ def run_demo(model_spec: str, out_dir: str | Path, plan: str | DemoPlan = "defau
     log(_stream_markdown(stream))
 
     log("[2/3] perplexity by position on held-out text")
-    short = run_ppl(list(specs.values()), out / "ppl", lengths=[plan.ppl_length], docs=plan.ppl_docs, source="heldout",
+    short = run_ppl(ppl_systems, out / "ppl", lengths=[plan.ppl_length], docs=plan.ppl_docs, source="heldout",
                     progress=progress)
     report["ppl"] = short.ppl
     report["ppl_beyond_512"] = ppl_from(short, 512)
     report["gap_closed_beyond_512"] = gap_closed(report["ppl_beyond_512"], names)
     for length in plan.long_lengths:
         source = "heldout" if length <= 16384 else "stdlib"
-        long_result = run_ppl(list(specs.values()), out / f"ppl_{length}", lengths=[length], docs=1, source=source,
+        long_result = run_ppl(ppl_systems, out / f"ppl_{length}", lengths=[length], docs=1, source=source,
                               progress=progress)
         report[f"ppl_{length}"] = {"source": source, **long_result.ppl}
     log(short.markdown())

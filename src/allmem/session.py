@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 
 from .cache import AllMemCache
 from .modeling import AllMemForCausalLM
-from .streaming import ingest
+from .streaming import GREEDY, Sampling, continue_text, ingest
 
 SESSION_FORMAT = "allmem-session/1"
 _MARK_A, _MARK_B, _MARK_X = "\x00A\x00", "\x00B\x00", "\x00X\x00"
@@ -115,19 +115,15 @@ class Session:
         self._device = next(model.parameters()).device
 
     # ------------------------------------------------------------ feeding
-    def _feed(self, text: str, *, want_logits: bool = False, progress: bool = False,
-              on_segment=None) -> torch.Tensor | None:
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self._device)
+    def _ids(self, text: str) -> torch.Tensor:
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(self._device)
+
+    def _feed(self, text: str, *, progress: bool = False, on_segment=None) -> None:
+        ids = self._ids(text)
         if ids.shape[1] == 0:
-            return None
+            return
         self.tokens_read += ids.shape[1]
-        if not want_logits:
-            ingest(self.model, ids, self.cache, segment=self.segment, progress=progress, on_segment=on_segment)
-            return None
-        if ids.shape[1] > 1:
-            ingest(self.model, ids[:, :-1], self.cache, segment=self.segment, progress=progress)
-        with torch.no_grad():
-            return self.model(ids[:, -1:], cache=self.cache, logits_to_keep=1).logits[0, -1].float()
+        ingest(self.model, ids, self.cache, segment=self.segment, progress=progress, on_segment=on_segment)
 
     def read(self, text: str, *, progress: bool = False, on_segment=None) -> None:
         """Put ``text`` into the current user turn (opening one if needed). ``on_segment(done,
@@ -155,42 +151,25 @@ class Session:
         bar.close()
         return self.tokens_read - before
 
-    def ask(self, message: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-            generator: torch.Generator | None = None) -> Iterator[str]:
-        """Add a user message, then yield the reply piece by piece as it is generated. Every
-        generated token is fed back into the state, so the next turn continues from it."""
+    def ask(self, message: str, *, max_new_tokens: int = 128, sampling: Sampling = GREEDY,
+            stop: Sequence[str] = (), on_text: Callable[[str], None] | None = None) -> str:
+        """Add a user message and return the reply (cut before the first of ``stop``);
+        ``on_text`` receives it piece by piece as it is generated. Every generated token but an
+        end-of-turn one is fed back into the state, so the next turn continues from the reply;
+        the end of turn comes from the next turn's template text."""
         if self.phase == "open":
             text = "\n\n" + message + self.template.suffix
         else:
             prefix = self.template.first_prefix if self.phase == "new" else self.template.next_prefix
             text = prefix + message + self.template.suffix
-        logits = self._feed(text, want_logits=True)
+        ids = self._ids(text)
         self.phase = "closed"
         self.turns += 1
-        stop = {self.tokenizer.eos_token_id, *self._end_of_turn_ids()} - {None}
-        emitted: list[int] = []
-        shown = ""
-        for _ in range(max_new_tokens):
-            token = _pick(logits, temperature, top_p, generator)
-            if token in stop:
-                break
-            emitted.append(token)
-            with torch.no_grad():
-                logits = self.model(torch.tensor([[token]], device=self._device), cache=self.cache,
-                                    logits_to_keep=1).logits[0, -1].float()
-            self.tokens_read += 1
-            text_so_far = self.tokenizer.decode(emitted, skip_special_tokens=True)
-            if not text_so_far.endswith("\ufffd"):  # wait for multi-byte characters to complete
-                yield text_so_far[len(shown):]
-                shown = text_so_far
-
-    def _end_of_turn_ids(self) -> set[int]:
-        ids = set()
-        for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        return ids
+        reply = continue_text(self.model, self.tokenizer, ids, self.cache, max_new_tokens=max_new_tokens,
+                              sampling=sampling, stop_strings=stop, segment=self.segment, on_text=on_text,
+                              feed_last=True)
+        self.tokens_read += ids.shape[1] + len(reply.token_ids) - reply.ended
+        return reply.text
 
     # ------------------------------------------------------- save / resume
     def save(self, path: str | os.PathLike) -> None:
@@ -228,14 +207,3 @@ class Session:
         session.turns, session.tokens_read = int(meta["turns"]), int(meta["tokens_read"])
         return session
 
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))

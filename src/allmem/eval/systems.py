@@ -1,17 +1,18 @@
 """Systems under evaluation: anything that can score text and generate from a prompt.
 
-A *system spec* names a model and how it attends::
+A ``SystemSpec`` names a model and how it attends. On the command line it is written
+``KIND:MODEL[?key=value&...]`` (``parse_spec`` reads it, ``str(spec)`` writes it back)::
 
     full:smollm2                               the base model, full attention (transformers SDPA,
                                                standard KV cache)
     swa:smollm2?window=256&sinks=4             converted, memory off: sliding window + sinks
     allmem:smollm2?window=256&sinks=4&chunk=128    converted, memory on (untrained memory is fine)
     allmem:runs/distill/adapter                a saved adapter (its base is loaded as it names)
-    mamba2:smollm2?window=256&sinks=4          the Mamba-2 baseline (memory_type="mamba2"), where
-                                               this version of AllMemConfig has that field
+    mamba2:smollm2?window=256&sinks=4          the Mamba-2 baseline (memory_type="mamba2")
 
 The part after ``KIND:`` is an embedded model name, a local Hugging Face directory, a hub id
-or (``swa``/``allmem``/``mamba2``) an adapter directory. Options after ``?`` (``&``-separated):
+or (``swa``/``allmem``/``mamba2``) an adapter directory. Options after ``?`` (``&``-separated,
+taken literally: ``name=SWA + sinks`` is that name, nothing is URL-decoded):
 
 - every system: ``segment`` (tokens per forward when scoring or prefilling; memory use scales
   with it), ``dtype`` (float32 | bfloat16 | float16), ``name`` (the label in tables);
@@ -23,27 +24,30 @@ or (``swa``/``allmem``/``mamba2``) an adapter directory. Options after ``?`` (``
   model under ``memory_disabled()`` (a test checks it) at about half the cost on CPU.
   ``skip_memory=0`` runs it anyway.
 
-Every system offers ``generate(prompt_text, max_new_tokens, chat)`` (greedy) and
-``token_nlls(input_ids)``. Converted systems read long inputs segment by segment through their
-constant-size cache (``streaming.ingest``); the full system prefills and scores in segments
-with its KV cache, which grows with the input as full attention must.
+Every system offers ``generate(prompt_text, max_new_tokens, chat)`` (greedy, through the one
+decode path ``streaming.continue_text``) and ``token_nlls(input_ids)``. Converted systems read
+long inputs segment by segment through their constant-size cache; the full system prefills and
+scores in segments with its KV cache, which grows with the input as full attention must.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 import torch
 
+from ..config import AllMemConfig
+from ..streaming import continue_text
+
 KINDS = ("full", "swa", "allmem", "mamba2")
 _RUNTIME_FIELDS = ("window", "sinks", "chunk", "positions", "swa_block")
-_COMMON_OPTIONS = ("segment", "dtype", "name", "skip_memory")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(AllMemConfig) if f.name != "extra"}
+_DEFAULT_SEGMENT = {"full": 2048, "swa": 1024, "allmem": 1024, "mamba2": 1024}
 
 
 class SystemSpecError(ValueError):
@@ -52,18 +56,84 @@ class SystemSpecError(ValueError):
 
 @dataclass(frozen=True)
 class SystemSpec:
+    """What a system is: a model (``target``) and how it attends (``kind``, ``config``).
+
+    ``config`` holds ``AllMemConfig`` fields with their types (converted kinds only);
+    ``segment`` None means 2048 tokens for full attention, 1024 for converted systems;
+    ``skip_memory`` (swa only, None = yes) replaces the zero-weighted memory by zeros;
+    ``label`` names the system in tables (default: the spec as written). Checked when built.
+    """
+
     kind: str
     target: str
-    options: dict[str, str]
-    text: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    segment: int | None = None
+    dtype: str = "float32"
+    skip_memory: bool | None = None
+    label: str | None = None
+    text: str | None = field(default=None, compare=False)  # the command-line form it was read from
+
+    def __post_init__(self) -> None:
+        where = repr(self.text or f"{self.kind}:{self.target}")
+        if self.kind not in KINDS:
+            raise SystemSpecError(f"unknown system kind {self.kind!r} in {where}; choose from {', '.join(KINDS)}")
+        if not self.target:
+            raise SystemSpecError(f"bad system spec {where}: no model after {self.kind}:")
+        if self.dtype not in _DTYPES:
+            raise SystemSpecError(f"dtype={self.dtype!r} in {where}: choose from {sorted(_DTYPES)}")
+        if self.segment is not None and (isinstance(self.segment, bool) or not isinstance(self.segment, int)
+                                         or self.segment <= 0):
+            raise SystemSpecError(f"option segment={self.segment!r} in {where} should be a positive integer")
+        allowed = set() if self.kind == "full" else set(_CONFIG_FIELDS)
+        unknown = sorted(set(self.config) - allowed)
+        if self.skip_memory is not None and self.kind != "swa":
+            unknown.append("skip_memory")
+        if unknown:
+            extra = {"swa": ["skip_memory"]}.get(self.kind, [])
+            raise SystemSpecError(f"unknown option(s) {unknown} for a {self.kind} system in {where}; allowed: "
+                                  f"{sorted([*allowed, *extra, 'segment', 'dtype', 'name'])}")
+        memory_type = self.config.get("memory_type")
+        if self.kind == "mamba2" and memory_type not in (None, "mamba2"):
+            raise SystemSpecError(f"{where}: a mamba2 system has memory_type=mamba2")
+        if self.kind in ("swa", "allmem") and memory_type not in (None, "ttt"):
+            raise SystemSpecError(f"{where}: use the mamba2: kind for memory_type=mamba2")
 
     @property
     def name(self) -> str:
-        return self.options.get("name", self.text)
+        return self.label or self.text or str(self)
+
+    @property
+    def default_segment(self) -> int:
+        return self.segment or _DEFAULT_SEGMENT[self.kind]
+
+    @property
+    def options(self) -> dict[str, str]:
+        """The settings given, as written after ``?`` on the command line."""
+        options = {k: _write(v) for k, v in self.config.items()}
+        for key, value in (("segment", self.segment), ("skip_memory", self.skip_memory), ("name", self.label)):
+            if value is not None:
+                options[key] = _write(value)
+        if self.dtype != "float32":
+            options["dtype"] = self.dtype
+        return options
+
+    def __str__(self) -> str:
+        """The command-line form; ``parse_spec(str(spec)) == spec``."""
+        if "?" in self.target:
+            raise SystemSpecError(f"a model path with '?' ({self.target!r}) has no command-line form")
+        bad = [f"{k}={v}" for k, v in self.options.items() if "&" in v]
+        if bad:
+            raise SystemSpecError(f"option value(s) with '&' have no command-line form: {bad}")
+        query = "&".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.kind}:{self.target}" + (f"?{query}" if query else "")
+
+
+def _write(value: Any) -> str:
+    return ("1" if value else "0") if isinstance(value, bool) else str(value)
 
 
 def parse_spec(spec: str) -> SystemSpec:
-    """``KIND:TARGET[?key=value&...]`` -> SystemSpec (values stay strings until loading)."""
+    """The command line's ``KIND:TARGET[?key=value&...]`` -> a checked ``SystemSpec``."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in KINDS:
         raise SystemSpecError(
@@ -73,17 +143,21 @@ def parse_spec(spec: str) -> SystemSpec:
     target, _, query = rest.partition("?")
     if not target:
         raise SystemSpecError(f"bad system spec {spec!r}: no model after {kind}:")
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
-    except ValueError:
-        raise SystemSpecError(f"bad options {query!r} in system spec {spec!r}: write key=value&key=value") from None
     options: dict[str, str] = {}
-    for key, value in pairs:
+    for pair in query.split("&") if query else ():
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise SystemSpecError(f"bad option {pair!r} in system spec {spec!r}: write key=value&key=value")
         if key in options:
             raise SystemSpecError(f"option {key!r} given twice in system spec {spec!r}")
         options[key] = value
-    return SystemSpec(kind, target, options, spec)
-
+    segment, skip = options.pop("segment", None), options.pop("skip_memory", None)
+    label, dtype = options.pop("name", None), options.pop("dtype", "float32")
+    # typed here; a key that is no AllMemConfig field (or any key on full:) is refused by SystemSpec
+    config = {k: _coerce(_CONFIG_FIELDS[k], v, spec) if k in _CONFIG_FIELDS and kind != "full" else v
+              for k, v in options.items()}
+    return SystemSpec(kind, target, config, segment=_positive(segment, "segment", spec), dtype=dtype,
+                      skip_memory=None if skip is None else _flag("skip_memory", skip, spec), label=label, text=spec)
 
 def slug(name: str) -> str:
     """A file-name-safe form of a system name (``swa:smollm2?window=256`` -> ``swa_smollm2_window_256``)."""
@@ -112,16 +186,22 @@ def _bool(value: str) -> bool:
     raise ValueError(value)
 
 
-def _int_option(spec: SystemSpec, key: str, default: int) -> int:
-    value = spec.options.get(key)
+def _flag(key: str, value: str, spec: str) -> bool:
+    try:
+        return _bool(value)
+    except ValueError:
+        raise SystemSpecError(f"{key}={value!r} in {spec!r} should be 0 or 1") from None
+
+
+def _positive(value: str | None, key: str, spec: str) -> int | None:
     if value is None:
-        return default
+        return None
     try:
         number = int(value)
     except ValueError:
-        raise SystemSpecError(f"option {key}={value!r} in {spec.text!r} should be an integer") from None
+        raise SystemSpecError(f"option {key}={value!r} in {spec!r} should be an integer") from None
     if number <= 0:
-        raise SystemSpecError(f"option {key}={value!r} in {spec.text!r} should be positive")
+        raise SystemSpecError(f"option {key}={value!r} in {spec!r} should be positive")
     return number
 
 
@@ -138,7 +218,7 @@ class TokenScores:
 
 
 class System:
-    """A model under evaluation. Subclasses implement ``_segment_logits`` and ``generate_ids``."""
+    """A model under evaluation. Subclasses say how a new cache is made (``_new_cache``)."""
 
     kind = "?"
 
@@ -151,11 +231,6 @@ class System:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.context_length: int | None = getattr(config, "max_position_embeddings", None)
         """The base model's trained context (plots mark it); not a limit of the system."""
-        eos = set()
-        for source in (getattr(model, "generation_config", None), tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            eos.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
-        self.eos_token_ids = sorted(int(t) for t in eos)
 
     # max_length: the longest input the system scores in one piece (lm-eval truncates to it);
     # None = unbounded (the converted systems' state does not grow).
@@ -167,6 +242,9 @@ class System:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _new_cache(self) -> Any:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ text
     def format_chat(self, text: str) -> str:
@@ -200,14 +278,16 @@ class System:
     @torch.no_grad()
     def token_scores(self, input_ids: Sequence[int] | torch.Tensor, *,
                      on_segment: Callable[[int], None] | None = None) -> TokenScores:
-        """Scores of tokens 1..L-1, computed ``segment`` tokens at a time; ``on_segment(n)`` is
-        called after each segment of n tokens (progress bars)."""
+        """Scores of tokens 1..L-1, computed ``segment`` tokens at a time through the system's
+        cache; ``on_segment(n)`` is called after each segment of n tokens (progress bars)."""
         ids = self._as_ids(input_ids)
         if ids.shape[1] < 2:
             empty = torch.zeros(0, dtype=torch.float64)
             return TokenScores(empty, torch.zeros(0, dtype=torch.bool))
         nlls, greedy = [], []
-        for start, logits in self._segment_logits(ids):
+        cache = self._new_cache()
+        for start in range(0, ids.shape[1], self.segment):
+            logits = self.model(ids[:, start : start + self.segment], cache=cache, use_cache=True).logits[0]
             targets = ids[0, start + 1 : start + 1 + logits.shape[0]]
             logits = logits[: targets.shape[0]].float()
             logp = torch.log_softmax(logits, dim=-1)
@@ -222,10 +302,6 @@ class System:
         """Negative log-likelihood of tokens 1..L-1 of ``input_ids`` ([L] or [1, L]) -> [L-1]."""
         return self.token_scores(input_ids, on_segment=on_segment).nll
 
-    def _segment_logits(self, ids: torch.Tensor):
-        """Yield (start, logits [T, V]) for consecutive segments of ``ids`` [1, L]."""
-        raise NotImplementedError
-
     # ------------------------------------------------------------ generation
     def generate(self, prompt_text: str, max_new_tokens: int, chat: bool = False, *,
                  stop: Sequence[str] | None = None) -> str:
@@ -235,39 +311,18 @@ class System:
 
     def generate_ids(self, input_ids: Sequence[int], max_new_tokens: int, *,
                      stop: Sequence[str] | None = None) -> str:
-        raise NotImplementedError
-
-    def _finish(self, new_ids: list[int], stop: Sequence[str] | None) -> str:
-        new_ids = [t for t in new_ids if t not in self.eos_token_ids]
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        return cut_at_stop(text, stop)
+        """Greedy continuation of ``input_ids`` (``streaming.continue_text`` on a new cache)."""
+        ids = self._as_ids(input_ids)
+        if ids.shape[1] == 0:
+            raise ValueError(f"{self.name}: cannot generate from an empty prompt")
+        if max_new_tokens <= 0:
+            return ""
+        return continue_text(self.model, self.tokenizer, ids, self._new_cache(), max_new_tokens=max_new_tokens,
+                             stop_strings=stop or (), segment=self.segment).text
 
     def close(self) -> None:
         """Drop the model (the CLI evaluates systems one after the other)."""
         self.model = None
-
-
-def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
-    """``text`` up to (not including) the earliest occurrence of any stop string."""
-    cut = len(text)
-    for s in stop or ():
-        if s:
-            i = text.find(s)
-            if i != -1:
-                cut = min(cut, i)
-    return text[:cut]
-
-
-class _StopOnStrings:
-    """A transformers stopping criterion: stop once the new text contains a stop string."""
-
-    def __init__(self, tokenizer: Any, prompt_length: int, stop: Sequence[str]):
-        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, [s for s in stop if s]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
-        done = any(s in text for s in self.stop)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class FullAttentionSystem(System):
@@ -288,43 +343,6 @@ class FullAttentionSystem(System):
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
-
-    def _forward(self, ids: torch.Tensor, cache: Any, **kwargs: Any):
-        # transformers renamed past_key_values to cache during 5.x; pass whichever this one takes
-        import inspect
-
-        if not hasattr(self, "_cache_kw"):
-            params = inspect.signature(self.model.forward).parameters
-            self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        return self.model(ids, use_cache=True, **{self._cache_kw: cache}, **kwargs)
-
-    def _segment_logits(self, ids: torch.Tensor):
-        cache = self._new_cache()
-        for start in range(0, ids.shape[1], self.segment):
-            yield start, self._forward(ids[:, start : start + self.segment], cache).logits[0]
-
-    @torch.no_grad()
-    def generate_ids(self, input_ids: Sequence[int], max_new_tokens: int, *,
-                     stop: Sequence[str] | None = None) -> str:
-        ids = self._as_ids(input_ids)
-        if ids.shape[1] == 0:
-            raise ValueError(f"{self.name}: cannot generate from an empty prompt")
-        cache = self._new_cache()
-        for start in range(0, ids.shape[1] - 1, self.segment):  # prefill all but the last token
-            end = min(start + self.segment, ids.shape[1] - 1)
-            self._forward(ids[:, start:end], cache, logits_to_keep=1)
-        logits = self._forward(ids[:, -1:], cache).logits[:, -1]
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(logits.argmax(-1)[0])
-            if token in self.eos_token_ids:
-                break
-            new.append(token)
-            if stop and any(s and s in self.tokenizer.decode(new, skip_special_tokens=True) for s in stop):
-                break
-            step = torch.tensor([[token]], device=ids.device)
-            logits = self._forward(step, cache).logits[:, -1]
-        return self._finish(new, stop)
 
 
 class _NoMemoryState:
@@ -351,57 +369,17 @@ class ConvertedSystem(System):
         super().__init__(name, model, tokenizer, segment=segment)
         self.kind = kind
 
-    def _segment_logits(self, ids: torch.Tensor):
-        cache = self.model.new_cache()
-        for start in range(0, ids.shape[1], self.segment):
-            out = self.model(ids[:, start : start + self.segment], cache=cache)
-            yield start, out.logits[0]
-
-    @torch.no_grad()
-    def generate_ids(self, input_ids: Sequence[int], max_new_tokens: int, *,
-                     stop: Sequence[str] | None = None) -> str:
-        from transformers import StoppingCriteriaList
-
-        from ..streaming import ingest
-
-        ids = self._as_ids(input_ids)
-        length = ids.shape[1]
-        if length == 0:
-            raise ValueError(f"{self.name}: cannot generate from an empty prompt")
-        if max_new_tokens <= 0:
-            return ""
-        cache = self.model.new_cache()
-        if length > 1:
-            ingest(self.model, ids[:, :-1], cache, segment=self.segment, progress=False)
-        criteria = StoppingCriteriaList([_StopOnStrings(self.tokenizer, length, stop)]) if stop else None
-        out = self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_k=None, top_p=None, stopping_criteria=criteria,
-            eos_token_id=self.eos_token_ids or None, pad_token_id=(self.eos_token_ids or [0])[0],
-        )
-        return self._finish(out[0, length:].tolist(), stop)
+    def _new_cache(self):
+        return self.model.new_cache()
 
 
 # ------------------------------------------------------------------------------- loading
 
 
-def _allmem_config_fields() -> dict[str, dataclasses.Field]:
-    from ..config import AllMemConfig
-
-    return {f.name: f for f in dataclasses.fields(AllMemConfig) if f.name != "extra"}
-
-
 def supports_mamba2() -> bool:
-    """True when this version of AllMemConfig has ``memory_type`` (the Mamba-2 baseline)."""
-    return "memory_type" in _allmem_config_fields()
-
-
-def _check_options(spec: SystemSpec, allowed: set[str]) -> None:
-    unknown = sorted(set(spec.options) - allowed)
-    if unknown:
-        raise SystemSpecError(
-            f"unknown option(s) {unknown} for a {spec.kind} system in {spec.text!r}; allowed: {sorted(allowed)}"
-        )
+    """Always True now that AllMemConfig has ``memory_type``; kept while tests/eval/test_ppl.py
+    still asks."""
+    return "memory_type" in _CONFIG_FIELDS
 
 
 def _is_adapter(target: str) -> bool:
@@ -412,56 +390,31 @@ def _is_adapter(target: str) -> bool:
 
 def load_system(spec: str | SystemSpec, *, device: str | None = None) -> System:
     """Build the system a spec names (see the module docstring); loads weights."""
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
-    dtype_name = spec.options.get("dtype", "float32")
-    if dtype_name not in _DTYPES:
-        raise SystemSpecError(f"dtype={dtype_name!r} in {spec.text!r}: choose from {sorted(_DTYPES)}")
-    dtype = _DTYPES[dtype_name]
-
-    if spec.kind == "full":
-        _check_options(spec, {"segment", "dtype", "name"})
-        from ..loading import load_base
-
-        segment = _int_option(spec, "segment", 2048)
-        if _is_adapter(spec.target):
-            raise SystemSpecError(f"{spec.text!r}: full: takes a base model, not an adapter directory")
-        base, tokenizer = load_base(spec.target, dtype=dtype, device=device)
-        return FullAttentionSystem(spec.name, base.eval(), tokenizer, segment=segment)
-
-    if spec.kind == "mamba2" and not supports_mamba2():
-        raise NotImplementedError(
-            f"{spec.text!r}: the Mamba-2 baseline needs AllMemConfig.memory_type, which this version of "
-            "allmem does not have yet"
-        )
-    fields = _allmem_config_fields()
-    allowed = set(fields) | set(_COMMON_OPTIONS)
-    if spec.kind != "swa":
-        allowed.discard("skip_memory")
-    _check_options(spec, allowed)
-    if spec.kind == "mamba2" and spec.options.get("memory_type", "mamba2") != "mamba2":
-        raise SystemSpecError(f"{spec.text!r}: a mamba2 system has memory_type=mamba2")
-    if spec.kind != "mamba2" and spec.options.get("memory_type", "ttt") != "ttt":
-        raise SystemSpecError(f"{spec.text!r}: use the mamba2: kind for memory_type=mamba2")
-    segment = _int_option(spec, "segment", 1024)
-    config_options = {k: _coerce(fields[k], v, spec.text) for k, v in spec.options.items() if k in fields}
-    if spec.kind == "mamba2":
-        config_options["memory_type"] = "mamba2"
-
     from .. import convert, from_pretrained
-    from ..config import AllMemConfig
     from ..loading import load_base
 
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    where, dtype = repr(spec.text or str(spec)), _DTYPES[spec.dtype]
+    if spec.kind == "full":
+        if _is_adapter(spec.target):
+            raise SystemSpecError(f"{where}: full: takes a base model, not an adapter directory")
+        base, tokenizer = load_base(spec.target, dtype=dtype, device=device)
+        return FullAttentionSystem(spec.name, base.eval(), tokenizer, segment=spec.default_segment)
+
+    config_options = dict(spec.config)
+    if spec.kind == "mamba2":
+        config_options["memory_type"] = "mamba2"
     if _is_adapter(spec.target):
         fixed = sorted(set(config_options) - set(_RUNTIME_FIELDS) - {"memory_type"})
         if fixed:
             raise SystemSpecError(
-                f"{spec.text!r}: a saved adapter fixes {fixed}; only {list(_RUNTIME_FIELDS)} can change at run time"
+                f"{where}: a saved adapter fixes {fixed}; only {list(_RUNTIME_FIELDS)} can change at run time"
             )
         model = from_pretrained(spec.target, dtype=dtype, device=device)
-        saved_type = getattr(model.allmem_config, "memory_type", "ttt")
+        saved_type = model.allmem_config.memory_type
         wanted_type = "mamba2" if spec.kind == "mamba2" else saved_type if spec.kind == "swa" else "ttt"
         if saved_type != wanted_type:
-            raise SystemSpecError(f"{spec.text!r}: the adapter's memory_type is {saved_type!r}; use {saved_type}: for it")
+            raise SystemSpecError(f"{where}: the adapter's memory_type is {saved_type!r}; use {saved_type}: for it")
         runtime = {k: v for k, v in config_options.items() if k in _RUNTIME_FIELDS}
         if runtime:
             model.set_runtime(**runtime)
@@ -473,15 +426,9 @@ def load_system(spec: str | SystemSpec, *, device: str | None = None) -> System:
         model = convert(base, config, base_name=spec.target).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-
     if spec.kind == "swa":
-        skip = spec.options.get("skip_memory", "1")
-        try:
-            skip_memory = _bool(skip)
-        except ValueError:
-            raise SystemSpecError(f"skip_memory={skip!r} in {spec.text!r} should be 0 or 1") from None
-        disable_memory(model, skip=skip_memory)
-    return ConvertedSystem(spec.name, model, tokenizer, segment=segment, kind=spec.kind)
+        disable_memory(model, skip=spec.skip_memory is not False)
+    return ConvertedSystem(spec.name, model, tokenizer, segment=spec.default_segment, kind=spec.kind)
 
 
 def disable_memory(model: Any, *, skip: bool = True) -> None:
