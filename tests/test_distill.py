@@ -262,21 +262,22 @@ DistillTrainer(load_recipe(recipe), resume=resume, progress=False).setup().train
 
 @pytest.mark.slow
 def test_two_process_run_killed_and_resumed_reproduces_the_losses(tiny_smollm_dir, tmp_path):
-    """Under 2-process DDP: 4 steps straight, against 2 steps, a kill, and 2 resumed steps; the
+    """Under 2-process DDP (gloo): 4 steps straight, against 2 steps, a kill, and 2 resumed steps; the
     checkpoint holds both processes' RNG (accelerate's save_state)."""
     import yaml
 
     script = tmp_path / "run.py"
     script.write_text(KILLABLE_RUN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # torchrun, not `accelerate launch --config_file cpu-2proc.yaml`: on a CPU, accelerate's launcher
+    # starts one process unless mpirun is set up; accelerate reads torchrun's ranks under ACCELERATE_USE_CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
 
     def launch(out: str, resume: bool, stop_after: int) -> None:
         data = tiny_recipe(tiny_smollm_dir, tmp_path / out, steps=4).to_dict()
         data["train"]["betas"] = list(data["train"]["betas"])
         recipe = tmp_path / f"{out}.yaml"
         recipe.write_text(yaml.safe_dump(data))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "src/allmem/recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29563",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
                str(script), str(recipe), "resume" if resume else "new", str(stop_after)]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -287,6 +288,7 @@ def test_two_process_run_killed_and_resumed_reproduces_the_losses(tiny_smollm_di
     launch("straight", resume=False, stop_after=0)
     launch("killed", resume=False, stop_after=2)
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-000002"
+    assert json.loads((checkpoint / "state.json").read_text())["world_size"] == 2
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     launch("killed", resume=True, stop_after=0)
     straight, resumed = logged("straight"), logged("killed")
