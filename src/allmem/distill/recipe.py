@@ -28,7 +28,9 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 10
     decay_fraction: float = 0.2
-    """Warmup-stable-decay: the last ``decay_fraction`` of the steps decay linearly to 0."""
+    """Warmup-stable-decay (transformers' ``get_wsd_schedule``): linear warmup from lr 0 over
+    ``warmup_steps`` (so step 1 has lr 0), then constant, then the last ``decay_fraction`` of
+    the steps decay linearly to 0."""
     grad_clip: float = 1.0
     alpha_lr_mult: float = 1.0
     """(ours) learning-rate multiplier for the fusion scale alpha, which starts at 0."""
