@@ -19,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, PreTrainedModel, TextStreamer
 
+from .compat import cache_kwargs
+
 # end-of-turn markers of the chat templates we know (ChatML, Llama 3, Gemma): a reply ends at
 # them even where the generation config names only the end-of-text token
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
@@ -54,7 +56,7 @@ def ingest(
     start = time.perf_counter()
     for begin in range(0, total, segment):
         piece = input_ids[:, begin : begin + segment]
-        model(piece, cache=cache, use_cache=True, logits_to_keep=1)
+        model(piece, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)  # any model's cache argument
         bar.update(piece.shape[1])
         sizes = {"cache": f"{cache.nbytes() / 2**20:.1f}MiB"} if hasattr(cache, "nbytes") else {}
         bar.set_postfix(**sizes, rss=f"{resident_mib():.0f}MiB",
@@ -191,7 +193,7 @@ def continue_text(
     stop = [s for s in stop_strings if s]
     out = model.generate(
         last,
-        cache=cache,
+        **cache_kwargs(cache),
         # transformers reads a cache being continued as holding the attention mask's length
         # minus the new tokens; with a mask of the new tokens only, it would skip them
         attention_mask=torch.ones(1, past + 1, dtype=torch.long, device=last.device),
@@ -208,6 +210,6 @@ def continue_text(
     new = out[0, 1:].tolist()
     ended = bool(new) and new[-1] in ends
     if feed_last and new and not ended:
-        model(out[:, -1:], cache=cache, use_cache=True, logits_to_keep=1)
+        model(out[:, -1:], **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     text = tokenizer.decode(new[:-1] if ended else new, skip_special_tokens=True)
     return Continuation(cut_at_stop(text, stop), new, ended)

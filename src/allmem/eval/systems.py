@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_kwargs
 from ..config import AllMemConfig
 from ..streaming import continue_text
 
@@ -287,7 +288,7 @@ class System:
         nlls, greedy = [], []
         cache = self._new_cache()
         for start in range(0, ids.shape[1], self.segment):
-            logits = self.model(ids[:, start : start + self.segment], cache=cache, use_cache=True).logits[0]
+            logits = self.model(ids[:, start : start + self.segment], **cache_kwargs(cache), use_cache=True).logits[0]
             targets = ids[0, start + 1 : start + 1 + logits.shape[0]]
             logits = logits[: targets.shape[0]].float()
             logp = torch.log_softmax(logits, dim=-1)
