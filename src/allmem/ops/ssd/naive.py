@@ -17,14 +17,8 @@ def naive_ssd(
     C: torch.Tensor,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``chunk_ssd`` (without ``chunk_size``), computed in float64.
-
-    Args:
-        x: [b, T, H, P] inputs.
-        dt: [b, T, H] step sizes (>= 0; 0 = the token is skipped).
-        A: [H] decay rates (< 0).
-        B, C: [b, T, N] input and output projections, shared by the heads (one group).
-        initial_state: [b, H, P, N], or None for zeros.
+    """Same contract as ``chunk_ssd`` (arguments and shapes there; no ``chunk_size``),
+    computed token by token in float64.
 
     Returns:
         y: [b, T, H, P] (without Mamba-2's D skip), final_state: [b, H, P, N], both float64.
