@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from allmem.config import ConfigError
 from allmem.distill.data import DataError, file_samples
-from allmem.distill.recipe import load_recipe
+from allmem.distill.recipe import builtin_recipes, load_recipe
 from allmem.distill.trainer import DistillTrainer, TrainingDiverged
 from test_distill import tiny_recipe
 
@@ -183,3 +183,10 @@ def test_saved_files_keep_the_users_normal_permissions(tmp_path, tiny_smollm_dir
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o644, (path, oct(path.stat().st_mode))
     assert step_dir.stat().st_mode & 0o777 == 0o755 and saved_state.stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_every_built_in_recipe_loads_and_validates(name):
+    recipe = load_recipe(name, [])
+    recipe.allmem_config()  # the memory block is a valid AllMemConfig
+    assert recipe.data and recipe.train.steps > 0
