@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-DEFAULT_BASE = "smollm2"
+from .constants import DEFAULT_BASE, DTYPE_NAMES, torch_dtype
+
 DEFAULT_ADAPTER = "smollm2-allmem"  # ships in the package: the distilled memory of DEFAULT_BASE
 
 
@@ -25,12 +26,9 @@ def default_model() -> str:
 
 
 def _dtype(name: str):
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {sorted(table)}")
-    return table[name]
+    if name not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose from {sorted(DTYPE_NAMES)}")
+    return torch_dtype(name)
 
 
 class CommandLineError(ValueError):

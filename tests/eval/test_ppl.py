@@ -151,13 +151,7 @@ def test_adapter_spec_and_runtime_overrides(tmp_path, tiny_smollm_dir):
 
 
 def test_mamba2_spec(tiny_smollm_dir):
-    from allmem.eval.systems import supports_mamba2
-
     spec = f"mamba2:{tiny_smollm_dir}?window=16&sinks=2&chunk=8"
-    if not supports_mamba2():
-        with pytest.raises(NotImplementedError, match="memory_type"):
-            load_system(spec)
-        return
     system = load_system(spec)
     assert system.model.allmem_config.memory_type == "mamba2"
     ids = system.encode(TEXT)[:40]

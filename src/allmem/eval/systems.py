@@ -42,11 +42,11 @@ import torch
 
 from ..compat import cache_kwargs
 from ..config import AllMemConfig
+from ..constants import DTYPE_NAMES, torch_dtype
 from ..streaming import continue_text
 
 KINDS = ("full", "swa", "allmem", "mamba2")
 _RUNTIME_FIELDS = ("window", "sinks", "chunk", "positions", "swa_block")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(AllMemConfig) if f.name != "extra"}
 _DEFAULT_SEGMENT = {"full": 2048, "swa": 1024, "allmem": 1024, "mamba2": 1024}
 
@@ -80,8 +80,8 @@ class SystemSpec:
             raise SystemSpecError(f"unknown system kind {self.kind!r} in {where}; choose from {', '.join(KINDS)}")
         if not self.target:
             raise SystemSpecError(f"bad system spec {where}: no model after {self.kind}:")
-        if self.dtype not in _DTYPES:
-            raise SystemSpecError(f"dtype={self.dtype!r} in {where}: choose from {sorted(_DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise SystemSpecError(f"dtype={self.dtype!r} in {where}: choose from {sorted(DTYPE_NAMES)}")
         if self.segment is not None and (isinstance(self.segment, bool) or not isinstance(self.segment, int)
                                          or self.segment <= 0):
             raise SystemSpecError(f"option segment={self.segment!r} in {where} should be a positive integer")
@@ -377,12 +377,6 @@ class ConvertedSystem(System):
 # ------------------------------------------------------------------------------- loading
 
 
-def supports_mamba2() -> bool:
-    """Always True now that AllMemConfig has ``memory_type``; kept while tests/eval/test_ppl.py
-    still asks."""
-    return "memory_type" in _CONFIG_FIELDS
-
-
 def _is_adapter(target: str) -> bool:
     from ..modeling import adapter_dir
 
@@ -395,7 +389,7 @@ def load_system(spec: str | SystemSpec, *, device: str | None = None) -> System:
     from ..loading import load_base
 
     spec = parse_spec(spec) if isinstance(spec, str) else spec
-    where, dtype = repr(spec.text or str(spec)), _DTYPES[spec.dtype]
+    where, dtype = repr(spec.text or str(spec)), torch_dtype(spec.dtype)
     if spec.kind == "full":
         if _is_adapter(spec.target):
             raise SystemSpecError(f"{where}: full: takes a base model, not an adapter directory")
