@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from allmem.eval import mqar
-from allmem.eval.mqar import MIXERS, MQARError, ProbeConfig, multiquery_ar
+from allmem.eval.mqar import MIXERS, MQARError, ProbeConfig, multiquery_ar, training_points, with_settings
 from test_eval_cli import run
 
 VOCAB = 512
@@ -174,3 +175,32 @@ def test_capacity_probe_separates_the_skip_free_memory_from_the_spec_one():
     skip_free = capacity.probe(residual=False, **small)
     assert with_skip["write_share"] < 0.05 and with_skip["top1"] < 0.3
     assert skip_free["top1"] > 0.8 and skip_free["write_share"] > 0.3
+
+
+def test_mixture_cycles_through_the_halvings_that_fit_the_window():
+    cfg = ProbeConfig(window=64)
+    assert training_points(512, 32, cfg) == [(512, 32)]
+    mixed = dataclasses.replace(cfg, mixture=True)
+    # 64:4 would need 64 >= 8 + 64 + 7 tokens: it stops at 128:8
+    assert training_points(512, 32, mixed) == [(512, 32), (256, 16), (128, 8)]
+    assert training_points(256, 15, mixed) == [(256, 15)]  # 15 pairs do not halve
+    for length, pairs in training_points(1024, 64, mixed):  # every point is a valid layout
+        multiquery_ar(1, length, pairs, vocab_size=VOCAB, min_gap=cfg.window)
+    assert with_settings(cfg, {"mixture": True}).mixture is True
+
+
+def test_a_mixture_run_trains_on_every_point_and_evaluates_on_the_target(monkeypatch):
+    seen = []
+    real = mqar.multiquery_ar
+
+    def spy(n, seq_len, pairs, **kw):
+        seen.append((n, seq_len, pairs))
+        return real(n, seq_len, pairs, **kw)
+
+    monkeypatch.setattr(mqar, "multiquery_ar", spy)
+    cfg = ProbeConfig(**{**TINY, "steps": 4, "eval_every": 100, "budget_s": 3600}, mixture=True)
+    record = mqar.train_point("allmem", 64, 8, cfg, progress=False)
+    assert record["steps"] == 4 and "mixture" in record["settings"]
+    train = [(length, pairs) for n, length, pairs in seen if n == cfg.batch]
+    assert train == [(64, 8), (32, 4), (64, 8), (32, 4)]
+    assert (cfg.eval_examples, 64, 8) in seen  # held-out stays at the target point

@@ -359,7 +359,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE",
                    help="AllMemConfig overrides (base_lr=0.3 expansion=2 inner_loss=dot clip=none conv_kernel=0 ...) "
                         "and training keys lr, batch, alpha_init, warmup, weight_decay, vocab, tie_embeddings, "
-                        "queries, key_free_filler")
+                        "queries, key_free_filler, mixture (true: train on (L, P), (L/2, P/2), ... in turn)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="VARIANT",
                    help="sweep the allmem mixer instead: each VARIANT is comma-separated KEY=VALUE overrides on top "
                         "of --set ('default' = none), e.g. default base_lr=1.0 base_lr=1.0,clip=none")

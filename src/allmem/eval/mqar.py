@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 MIXERS = ("full", "swa", "allmem", "mamba2")
 TRAIN_KEYS = ("lr", "batch", "alpha_init", "warmup", "weight_decay", "vocab", "tie_embeddings", "queries",
-              "key_free_filler")
+              "key_free_filler", "mixture")
 """``--set`` keys that belong to the training run; every other key is an AllMemConfig field."""
 
 
@@ -156,6 +156,10 @@ class ProbeConfig:
     queries: int | None = None
     """queries per training example: None = one per pair (Zoology), 0 = every free slot, keys asked again
     at random (more answers per step, more signal); held-out examples always ask each key once."""
+    mixture: bool = False
+    """train on a Zoology-style mixture of lengths: step i draws its batch from the i-th of (L, P), (L/2, P/2),
+    (L/4, P/4), ... (the points whose layout fits the window), so what the model learns on short sequences
+    carries to the long ones; the held-out examples stay at (L, P). See ``training_points``."""
     memory: dict[str, Any] = field(default_factory=dict)
     """AllMemConfig overrides (base_lr, expansion, inner_loss, clip, conv_kernel, ...)."""
 
@@ -286,6 +290,20 @@ def num_queries(seq_len: int, num_kv_pairs: int, cfg: ProbeConfig) -> int:
     return cfg.queries
 
 
+def training_points(seq_len: int, num_kv_pairs: int, cfg: ProbeConfig) -> list[tuple[int, int]]:
+    """The (seq_len, pairs) points the training batches cycle through: the point itself, and with
+    ``cfg.mixture`` its halvings while both numbers halve exactly and the layout still fits
+    (queries ``cfg.window`` tokens after the pairs)."""
+    points = [(seq_len, num_kv_pairs)]
+    length, pairs = seq_len, num_kv_pairs
+    while cfg.mixture and length % 2 == 0 and pairs % 2 == 0:
+        length, pairs = length // 2, pairs // 2
+        if length < 2 * pairs + cfg.window + 2 * num_queries(length, pairs, cfg) - 1:
+            break
+        points.append((length, pairs))
+    return points
+
+
 def _lr_factor(step: int, progress: float, warmup: int) -> float:
     """Linear warmup over ``warmup`` steps, then cosine decay to 10 % by progress = 1."""
     warm = min(1.0, (step + 1) / max(warmup, 1))
@@ -309,7 +327,8 @@ def train_point(
 
     data = dict(vocab_size=cfg.vocab, min_gap=cfg.window, key_free_filler=cfg.key_free_filler)
     multiquery_ar(1, seq_len, num_kv_pairs, **data)  # validate the point before building anything
-    queries = num_queries(seq_len, num_kv_pairs, cfg)
+    points = [(length, pairs, num_queries(length, pairs, cfg))
+              for length, pairs in training_points(seq_len, num_kv_pairs, cfg)]
     model = build_model(mixer, cfg, seq_len)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -330,8 +349,8 @@ def train_point(
             break
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, max(step / cfg.steps, elapsed / cfg.budget_s), cfg.warmup)
-        x, y = multiquery_ar(cfg.batch, seq_len, num_kv_pairs, num_queries=queries, seed=cfg.seed * 10**7 + step,
-                             **data)
+        length, pairs, queries = points[step % len(points)]
+        x, y = multiquery_ar(cfg.batch, length, pairs, num_queries=queries, seed=cfg.seed * 10**7 + step, **data)
         mask = y != -100
         loss = F.cross_entropy(answer_logits(model, x, mask).float(), y[mask])
         opt.zero_grad(set_to_none=True)
@@ -460,7 +479,8 @@ def _describe(cfg: ProbeConfig) -> str:
             f"batch {cfg.batch}, alpha_init {cfg.alpha_init}, <= {cfg.steps} steps / {cfg.budget_s:.0f} s per point, "
             f"memory {cfg.memory or 'defaults'}, seed {cfg.seed}, "
             f"filler {'key-free' if cfg.key_free_filler else 'whole vocab'}, "
-            f"training queries {'one per pair' if cfg.queries is None else cfg.queries or 'every free slot'}")
+            f"training queries {'one per pair' if cfg.queries is None else cfg.queries or 'every free slot'}"
+            + (", trained on a mixture of lengths (L, L/2, ...)" if cfg.mixture else ""))
 
 
 def run_grid(mixers: Sequence[str], grid: Sequence[tuple[int, int]], cfg: ProbeConfig, out: str | Path, *,
