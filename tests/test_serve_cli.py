@@ -1,13 +1,17 @@
-"""`allmem export` and `allmem serve` (issue 11), without vLLM: the export round trip, bad
-folders, the missing-vLLM error, the exact server command. The server itself runs only in
-the optional `slow` test, with the vLLM virtualenv at $ALLMEM_VLLM_PYTHON or /work/vllm-venv."""
+"""`allmem export` and `allmem serve` (issue 11): the export round trip, bad folders, the
+missing-vLLM error, the exact server command; then one real server (vLLM from the
+virtualenv `make setup-serve` builds, .venv-vllm, or $ALLMEM_VLLM_PYTHON) on a tiny model,
+shared by the tests at the end: concurrent completions through the `openai` client, chunked
+prefill and mixed batches, bad requests, each compared with the in-process model.generate."""
 
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,8 @@ from allmem.cli import build_parser, main
 from allmem.serving import launch
 from allmem.serving.client import ServerProcess
 
-VLLM_PYTHON = os.environ.get("ALLMEM_VLLM_PYTHON", "/work/vllm-venv/bin/python")
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get(launch.PYTHON_ENV_VAR) or str(ROOT / launch.VLLM_VENV / "bin" / "python")
 
 
 def _error_lines(err: str) -> list[str]:
@@ -162,38 +167,124 @@ def test_serve_exports_once_then_execs_vllm(tiny_adapter, cache, monkeypatch, ca
     assert calls[1][2][calls[1][2].index("--model") + 1] == str(export_dir)
 
 
-# ---------------------------------------------------------------- integration (vLLM venv)
-@pytest.mark.slow
-@pytest.mark.skipif(not os.access(VLLM_PYTHON, os.X_OK),
-                    reason=f"no vLLM virtualenv at {VLLM_PYTHON} (set $ALLMEM_VLLM_PYTHON; see README 'Serving on vLLM')")
-def test_server_matches_generate(tiny_adapter, cache, tmp_path):
-    """`allmem serve` on 127.0.0.1: two concurrent greedy completions (token ids in and out)
-    equal the in-process model.generate; a bad request gets an HTTP error and the server lives on."""
-    import socket
+# ------------------------------------------------------ one real server (the vLLM venv)
+MAX_MODEL_LEN = 512
+MAX_BATCHED = 64  # tokens per engine step: every prompt longer than this is prefilled in chunks
+SERVED = "tiny"
 
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return [(seed * 131 + 7 * i) % 900 + 50 for i in range(n)]
+
+
+class _Server:
+    def __init__(self, process: ServerProcess, trace: Path, model):
+        from openai import OpenAI
+
+        self.process, self.trace, self.model = process, trace, model
+        self.client = OpenAI(base_url=process.base + "/v1", api_key="none", max_retries=0, timeout=600)
+
+    def reference(self, ids: list[int], max_new: int) -> list[int]:
+        """The in-process greedy continuation, one request alone."""
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                                      temperature=None, top_k=None, top_p=None)
+        return out[0, x.shape[1]:].tolist()
+
+    def complete(self, ids: list[int], max_new: int) -> list[int]:
+        done = self.client.completions.create(model=SERVED, prompt=ids, max_tokens=max_new, temperature=0.0,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True})
+        return done.choices[0].model_extra["token_ids"]
+
+    def complete_concurrently(self, prompts: list[list[int]], max_new: list[int]) -> list[list[int]]:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(self.complete, prompts, max_new))
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    """`allmem serve` of the tiny adapter on 127.0.0.1 (W=16, C=8: every prompt here crosses the
+    window and memory chunks), from the vLLM venv; the engine logs each step's rows to a trace."""
     import allmem
 
+    if not os.access(VLLM_PYTHON, os.X_OK):
+        pytest.fail(f"no vLLM interpreter at {VLLM_PYTHON}: run `make setup-serve` (it builds {launch.VLLM_VENV}; "
+                    f"`make test` does it first) or set ${launch.PYTHON_ENV_VAR}", pytrace=False)
+    tiny_adapter = request.getfixturevalue("tiny_adapter")  # after the check: a missing venv fails at once
+    tmp = tmp_path_factory.mktemp("server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    model = allmem.from_pretrained(str(tiny_adapter))
-    prompts = [list(range(100, 137)), [(7 * i) % 900 + 50 for i in range(150)]]  # 37 and 150 tokens (> W=16, C=8)
-    max_new = 12
-    want = []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
-                                 temperature=None, top_k=None, top_p=None)
-            want.append(out[0, x.shape[1]:].tolist())
+    env = {k: v for k, v in os.environ.items() if k not in launch.SERVER_ENV_DEFAULTS}
+    env.update({"ALLMEM_CACHE": str(tmp / "cache"), "ALLMEM_VLLM_TRACE": str(tmp / "trace.jsonl"),
+                "VLLM_CPU_KVCACHE_SPACE": "1"})
     cmd = [sys.executable, "-m", "allmem.cli", "serve", "--model", str(tiny_adapter), "--python", VLLM_PYTHON,
-           "--port", str(port), "--served-model-name", "tiny", "--", "--max-model-len", "1024",
-           "--max-num-batched-tokens", "64", "--max-num-seqs", "4"]
-    with ServerProcess(cmd, tmp_path / "server.log", port=port) as server:
-        server.wait_ready(timeout=900)
-        got = server.complete_concurrently("tiny", prompts, max_new)
-        for (status, body), ref in zip(got, want):
-            assert status == 200 and body["choices"][0]["token_ids"] == ref
-        assert server.call("/v1/completions", b"{not json")[0] == 400
-        assert server.call("/v1/completions", json.dumps({"model": "nope", "prompt": "hi"}).encode())[0] == 404
-        assert server.call("/health")[0] == 200
+           "--port", str(port), "--served-model-name", SERVED, "--max-model-len", str(MAX_MODEL_LEN), "--",
+           "--max-num-batched-tokens", str(MAX_BATCHED), "--max-num-seqs", "8"]
+    with ServerProcess(cmd, tmp / "server.log", port=port, env=env) as process:
+        process.wait_ready(timeout=900)
+        yield _Server(process, tmp / "trace.jsonl", allmem.from_pretrained(str(tiny_adapter)))
+
+
+def _steps(trace: Path) -> list[list[list[int]]]:
+    """Engine steps logged since the last call: per step, [tokens seen before, new tokens] per request."""
+    steps = [json.loads(line) for line in trace.read_text().splitlines()] if trace.exists() else []
+    trace.unlink(missing_ok=True)
+    return steps
+
+
+def test_server_matches_generate(server):
+    """Four concurrent greedy completions (token ids in and out, the `openai` client) of 1, 37,
+    150 and 300 tokens equal model.generate of each alone; streaming gives the same text."""
+    assert [m.id for m in server.client.models.list().data] == [SERVED]
+    prompts = [_prompt(n, seed) for seed, n in enumerate((1, 37, 150, 300))]
+    max_new = [12] * len(prompts)
+    got = server.complete_concurrently(prompts, max_new)
+    assert got == [server.reference(ids, n) for ids, n in zip(prompts, max_new)]
+
+    plain = server.client.completions.create(model=SERVED, prompt=prompts[1], max_tokens=12, temperature=0.0,
+                                             extra_body={"ignore_eos": True})
+    stream = server.client.completions.create(model=SERVED, prompt=prompts[1], max_tokens=12, temperature=0.0,
+                                              extra_body={"ignore_eos": True}, stream=True)
+    pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert len(pieces) > 1 and "".join(pieces) == plain.choices[0].text
+
+
+def test_chunked_prefill_and_mixed_batches_equal_single_requests(server):
+    """A long prompt split over several engine steps, batched with other requests' prefill
+    chunks and decodes, gives the tokens of one prefill of it alone (and so does every other
+    request of the batch). The engine's trace shows that the split and the mixing happened."""
+    _steps(server.trace)
+    prompts = [_prompt(n, seed) for seed, n in ((10, 5), (11, 300), (12, 130), (13, 200))]
+    max_new = [60, 16, 16, 16]  # the short one is still decoding while the others prefill
+    got = server.complete_concurrently(prompts, max_new)
+    steps = _steps(server.trace)
+    assert got == [server.reference(ids, n) for ids, n in zip(prompts, max_new)]
+
+    assert all(sum(n for _, n in step) <= MAX_BATCHED for step in steps)
+    continued = [(seen, n) for step in steps for seen, n in step if seen > 0 and n > 1]
+    assert any(seen + n == 300 for seen, n in continued)  # the last chunk of the 300-token prompt
+    assert len(continued) >= 300 // MAX_BATCHED  # prefill chunks after a first one
+    mixed = [step for step in steps if any(n == 1 and seen > 0 for seen, n in step) and any(n > 1 for _, n in step)]
+    assert mixed, "no step batched a decode with a prefill chunk"
+    assert max(len(step) for step in steps) >= 3
+
+
+def test_bad_requests_get_http_errors_and_the_server_lives_on(server):
+    """Malformed JSON, an unknown model and a prompt over --max-model-len get vLLM's 4xx
+    answers; the engine keeps serving (a completion and a chat afterwards)."""
+    import openai
+
+    assert server.process.call("/v1/completions", b"{not json")[0] == 400
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        server.client.completions.create(model=SERVED, prompt=[5] * (MAX_MODEL_LEN + 10), max_tokens=2)
+    assert str(MAX_MODEL_LEN) in str(too_long.value)
+    assert server.process.call("/health")[0] == 200
+    ids = _prompt(40, 20)
+    assert server.complete(ids, 8) == server.reference(ids, 8)
+    chat = server.client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, temperature=0.0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content is not None and chat.usage.completion_tokens == 4

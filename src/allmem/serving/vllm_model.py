@@ -29,7 +29,9 @@ float rounding of the batched matmuls.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -49,6 +51,10 @@ from ..memory import MemoryState
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _INT_FIELDS = ("window.sink_pos", "window.ring_pos", "memory.fill")  # stored as float32 (exact < 2**24)
 _REPLACED_ONLY = ("memory.weights.", "memory.momentum.")  # never written in place by the memory
+# ALLMEM_VLLM_TRACE=FILE: one JSON line per engine step, [tokens seen before, new tokens] per
+# request, appended by the engine process: shows how vLLM split prompts and batched requests
+# (the server test checks that chunked prefill and mixed batches really happened)
+TRACE_ENV_VAR = "ALLMEM_VLLM_TRACE"
 
 
 def base_config_of(hf_config):
@@ -324,7 +330,7 @@ class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         slots = meta.state_indices_tensor.tolist()
         first_positions = positions[meta.query_start_loc[:-1].clamp(max=max(positions.shape[0] - 1, 0))].tolist()
         cfg, rotary = self.allmem_config, self.model.rotary_emb
-        decode, groups = [], []
+        decode, groups, trace = [], [], []
         for r in range(len(starts) - 1):
             begin, end = starts[r], starts[r + 1]
             length = end - begin
@@ -333,6 +339,7 @@ class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
             seen = seq_lens[r] - length
             if first_positions[r] != seen:
                 raise RuntimeError(f"request {r}: first position {first_positions[r]} but {seen} tokens seen")
+            trace.append([seen, length])
             if length == 1 and seen > 0:
                 decode.append((begin, slots[r], seen))
                 continue
@@ -347,6 +354,9 @@ class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                          seen=torch.tensor([d[2] for d in decode], device=device), fresh=False)
             _rotate(cfg, rotary, rows, 1, dtype)
             groups.insert(0, rows)
+        if os.environ.get(TRACE_ENV_VAR):
+            with open(os.environ[TRACE_ENV_VAR], "a") as f:
+                f.write(json.dumps(trace) + "\n")
         return groups
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
