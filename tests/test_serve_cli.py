@@ -223,7 +223,8 @@ def server(request, tmp_path_factory):
            "--port", str(port), "--served-model-name", SERVED, "--max-model-len", str(MAX_MODEL_LEN), "--",
            "--max-num-batched-tokens", str(MAX_BATCHED), "--max-num-seqs", "8"]
     with ServerProcess(cmd, tmp / "server.log", port=port, env=env) as process:
-        process.wait_ready(timeout=900)
+        # vLLM's start-up: ~1 min on a free machine; a loaded one can set a longer wait
+        process.wait_ready(timeout=float(os.environ.get("ALLMEM_SERVER_READY_TIMEOUT", 900)))
         yield _Server(process, tmp / "trace.jsonl", allmem.from_pretrained(str(tiny_adapter)))
 
 
