@@ -1,0 +1,83 @@
+"""The inference fast paths (no autograd: in-place state updates, fused chunk step) against
+the token-by-token reference, float64."""
+
+import pytest
+import torch
+
+from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
+from allmem.ops.ttt.naive import naive_ttt
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def inputs(n, length, d, chunk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, length, d, generator=g)
+    k = torch.nn.functional.normalize(torch.randn(n, length, d, generator=g), dim=-1)
+    v = torch.randn(n, length, d, generator=g)
+    eta = torch.rand(n, length, generator=g)
+    beta = torch.rand(n, -(-length // chunk), generator=g)
+    w0 = FastWeights(*(torch.randn(n, d, d, generator=g) * 1.5 / d**0.5 for _ in range(3)))
+    momentum = FastWeights(*(0.01 * torch.randn(n, d, d, generator=g) for _ in range(3)))
+    return (q, k, v, eta, beta, TTTState(w0, momentum), row_norms(w0))
+
+
+CASES = [(1, 16, 4), (6, 19, 5), (4, 3, 8), (6, 63, 8)]
+
+
+@pytest.mark.parametrize("clip", [0.3, None], ids=["clip", "noclip"])
+@pytest.mark.parametrize("loss", ["mse", "dot"])
+@pytest.mark.parametrize("n,length,chunk", CASES, ids=[f"N{n}-L{l}-C{c}" for n, l, c in CASES])
+def test_no_grad_chunk_op_equals_token_loop(n, length, chunk, loss, clip):
+    args = inputs(n, length, 6, chunk)
+    kwargs = dict(chunk_size=chunk, loss=loss, clip=clip)
+    with torch.no_grad():
+        o, state = chunk_ttt(*args, **kwargs)
+    o_ref, ref = naive_ttt(*args, **kwargs)
+    torch.testing.assert_close(o, o_ref)
+    for a, b in zip((*state.weights, *state.momentum), (*ref.weights, *ref.momentum)):
+        torch.testing.assert_close(a, b)
+    if length >= chunk:
+        assert (state.weights.w2 - args[5].weights.w2).abs().max() > 1e-3
+
+
+def test_no_grad_partial_update_mask_equals_token_loop():
+    """Some memories write a chunk and others do not (the in-place path falls back per chunk)."""
+    n, length, chunk = 4, 18, 4
+    args = inputs(n, length, 5, chunk, seed=3)
+    mask = torch.tensor([[True, True, True, True, False], [True, False, True, False, False],
+                         [False, False, False, False, False], [True, True, False, True, False]])
+    with torch.no_grad():
+        o, state = chunk_ttt(*args, chunk_size=chunk, update_mask=mask)
+    o_ref, ref = naive_ttt(*args, chunk_size=chunk, update_mask=mask)
+    torch.testing.assert_close(o, o_ref)
+    for a, b in zip((*state.weights, *state.momentum), (*ref.weights, *ref.momentum)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(state.weights.w1[2], args[5].weights.w1[2], rtol=0, atol=0)  # never wrote
+
+
+def test_no_grad_path_leaves_the_callers_state_alone():
+    """In-place updates work on the op's own copy: the initial state passed in is not changed."""
+    args = inputs(3, 24, 6, 8)
+    before = [t.clone() for t in (*args[5].weights, *args[5].momentum)]
+    with torch.no_grad():
+        _, state = chunk_ttt(*args, chunk_size=8)
+    for a, b in zip(before, (*args[5].weights, *args[5].momentum)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert all(t.is_contiguous() for t in (*state.weights, *state.momentum))
+
+
+def test_no_grad_and_autograd_paths_agree_in_float32():
+    torch.set_default_dtype(torch.float32)
+    args = inputs(6, 300, 16, 64, seed=7)
+    with torch.no_grad():
+        o, state = chunk_ttt(*args, chunk_size=64)
+    o2, state2 = chunk_ttt(*args, chunk_size=64)
+    torch.testing.assert_close(o, o2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.weights.w3, state2.weights.w3, rtol=1e-5, atol=1e-5)
