@@ -15,7 +15,7 @@ Three stages, each run under the interpreter that has what it needs:
 
 ``python benchmarks/vllm_smoke.py all`` runs the three in order with
 ``--project-python`` (default .venv/bin/python) and ``--vllm-python``
-(default /work/vllm-venv/bin/python).
+(default .venv-vllm/bin/python, built by `make setup-serve`).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main() -> int:
     parser.add_argument("--max-batched", type=int, default=256,
                         help="vLLM max_num_batched_tokens: below the longest prompt, so its prefill is chunked")
     parser.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
-    parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     args = parser.parse_args()
     if args.stage == "export":
         if args.dir.exists():
