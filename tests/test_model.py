@@ -221,6 +221,32 @@ def test_attention_initialisation_copies_keys_values_and_group_mean_queries():
     torch.testing.assert_close(memory.q_proj.weight[:16], (q[:16] + q[16:32]) / 2)
 
 
+def test_key_init_query_makes_the_fresh_memory_an_induction_copy():
+    """After convert (post_init included), keys start as the memory's queries: with key_shift the
+    key of position s is q(x_{s-1}), so a query scores highest where the previous token is its own."""
+    base = tiny_base("qwen3")
+    q = base.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    model = allmem.convert(base, allmem.AllMemConfig(init="attention", key_init="query"))
+    for layer in model.model.layers:
+        memory = layer.self_attn.memory
+        assert torch.equal(memory.k_proj.weight, memory.q_proj.weight)
+        assert torch.equal(memory.k_norm.weight, memory.q_norm.weight)
+    torch.testing.assert_close(model.model.layers[1].self_attn.memory.q_proj.weight[:16], (q[:16] + q[16:32]) / 2)
+    with pytest.raises(allmem.ConfigError, match="key_init"):
+        allmem.AllMemConfig(key_init="value")
+    # the behaviour: a random sequence with one repeated token; the query at its second occurrence
+    # matches (pre-normalisation dot product of the conv outputs) the key right after its first one
+    memory = model.model.layers[0].self_attn.memory
+    torch.manual_seed(0)
+    x = torch.randn(1, 12, base.config.hidden_size)
+    x[0, 9] = x[0, 3]
+    with torch.no_grad():
+        qkv, _ = memory._conv(memory._qkv(x), torch.zeros(1, memory.conv_kernel - 1, 3 * memory.width), torch.tensor([12]))
+        qq, kk, _ = qkv.split(memory.width, dim=-1)
+    scores = kk[0, :9] @ qq[0, 9]
+    assert int(scores.argmax()) == 4
+
+
 @pytest.mark.parametrize("family", [*sorted(TINY_FAMILIES), "gemma3"])
 @pytest.mark.parametrize("base_lr,momentum", [(0.1, 0.5), (0.5, 0.9)])
 def test_convert_keeps_the_memory_initialisation_of_the_spec(family, base_lr, momentum):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 POSITION_MODES = ("rolling", "absolute")
 INIT_MODES = ("attention", "random")
 CONV_INITS = ("key_shift", "identity")
+KEY_INITS = ("attention", "query")
 INNER_LOSSES = ("mse", "dot")
 MEMORY_TYPES = ("ttt", "mamba2")
 MAX_TOKENS = 2**22
@@ -83,6 +84,15 @@ class AllMemConfig:
     init: Literal["attention", "random"] = "attention"
     """attention: memory k/v copy the attention's k_proj/v_proj, q the group mean of q_proj.
     With memory_type="mamba2" both modes give Mamba-2's own initialisation (nothing is copied)."""
+    key_init: Literal["attention", "query"] = "attention"
+    """(ours) where the memory's key projection starts. attention: as ``init`` says (the spec).
+    query: a copy of the memory's query projection, so that with key_shift the fresh memory is
+    an induction copy: q(x_t) . k(x_s) = q(x_t) . q(x_{s-1}) is largest where an earlier token
+    equals the current one, and the read returns what followed it. With the attention's own
+    k_proj, q . k scores the attention pattern, not token identity: on SmolLM2 passkey prompts the
+    needle's key ranks ~5th of ~700 (among the digits) in the best heads even after 220 recall
+    steps, with the copy it ranks 1st in most heads of layers 0-18 before any training
+    (benchmarks/memory_addressing.py, docs/distill/recall/README.md). TTT memory only."""
     swa_block: int | None = None
     """Query block of the blocked prefill; None = min(W, 128)."""
     memory_type: Literal["ttt", "mamba2"] = "ttt"
@@ -127,6 +137,7 @@ class AllMemConfig:
         need(_is_int(self.conv_kernel) and 0 <= self.conv_kernel <= MAX_WIDTH,
              f"conv_kernel must be an integer >= 0 and <= {MAX_WIDTH}, got {self.conv_kernel!r}")
         need(self.conv_init in CONV_INITS, f"conv_init must be one of {CONV_INITS}, got {self.conv_init!r}")
+        need(self.key_init in KEY_INITS, f"key_init must be one of {KEY_INITS}, got {self.key_init!r}")
         need(_is_number(self.base_lr) and self.base_lr > 0, f"base_lr must be a positive number, got {self.base_lr!r}")
         need(_is_number(self.momentum_init) and 0.0 < self.momentum_init < 1.0,
              f"momentum_init must lie strictly between 0 and 1, got {self.momentum_init!r}")

@@ -130,6 +130,12 @@ def convert(base: PreTrainedModel, config: AllMemConfig | None = None, *, base_n
     # shape-compatible counterpart in the attention (N and H*P differ from the key/value widths)
     if config.init == "attention" and config.memory_type == "ttt":
         init_memory_from_attention(model)
+    if config.key_init == "query" and config.memory_type == "ttt":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                memory = layer.self_attn.memory
+                memory.k_proj.weight.copy_(memory.q_proj.weight)
+                memory.k_norm.weight.copy_(memory.q_norm.weight)
     model.train(base.training)
     return model
 
