@@ -145,6 +145,24 @@ class AllMemAttention(nn.Module):
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
 
+    def _sinks(self, k: torch.Tensor, v: torch.Tensor, seg: Segment, window_state: WindowState | None,
+               total: torch.Tensor):
+        """Sink keys, values and positions: positions < S, from the cache when already seen,
+        else from this segment (-1 where a row has not reached that position)."""
+        sinks, length = seg.config.sinks, k.shape[2]
+        s_idx = torch.arange(sinks, device=k.device)[None]
+        from_new = sinks + (s_idx - seg.seen[:, None])
+        src = torch.where(s_idx < seg.seen[:, None], s_idx, from_new).clamp(0, sinks + min(sinks, length) - 1)
+        if window_state is None:
+            empty = k.new_zeros(k.shape[0], self.num_kv_heads, sinks, self.head_dim)
+            old_sink_k, old_sink_v = empty, empty
+        else:
+            old_sink_k, old_sink_v = window_state.sink_k, window_state.sink_v
+        sink_k = _gather_time(torch.cat([old_sink_k, k[:, :, :sinks]], dim=2), src)
+        sink_v = _gather_time(torch.cat([old_sink_v, v[:, :, :sinks]], dim=2), src)
+        sink_pos = torch.where(s_idx < total[:, None], s_idx, torch.full_like(s_idx, -1))
+        return sink_k, sink_v, sink_pos
+
     def _window_attention(self, x: torch.Tensor, seg: Segment, state: LayerState | None):
         cfg = seg.config
         window, sinks = cfg.window, cfg.sinks  # the ring buffer's slots and the sinks held
@@ -164,18 +182,11 @@ class AllMemAttention(nn.Module):
         total = seg.seen + seg.seq_lens
 
         window_state = state.window if state is not None else None
-        # sinks: positions < S, from the cache when already seen, else from this segment
-        s_idx = torch.arange(sinks, device=device)[None]
-        from_new = sinks + (s_idx - seg.seen[:, None])
-        src = torch.where(s_idx < seg.seen[:, None], s_idx, from_new).clamp(0, sinks + min(sinks, length) - 1)
-        if window_state is None:
-            empty = k.new_zeros(batch, self.num_kv_heads, sinks, self.head_dim)
-            old_sink_k, old_sink_v = empty, empty
+        if window_state is not None and bool((seg.seen >= sinks).all()):
+            # every row has all its sinks already (any decode step after the first S tokens)
+            sink_k, sink_v, sink_pos = window_state.sink_k, window_state.sink_v, window_state.sink_pos
         else:
-            old_sink_k, old_sink_v = window_state.sink_k, window_state.sink_v
-        sink_k = _gather_time(torch.cat([old_sink_k, k[:, :, :sinks]], dim=2), src)
-        sink_v = _gather_time(torch.cat([old_sink_v, v[:, :, :sinks]], dim=2), src)
-        sink_pos = torch.where(s_idx < total[:, None], s_idx, torch.full_like(s_idx, -1))
+            sink_k, sink_v, sink_pos = self._sinks(k, v, seg, window_state, total)
         sink_args = dict(q_sink=q_sink, k_sink=sink_k, v_sink=sink_v, sink_pos=sink_pos)
         if self.native_window is not None:
             sink_args = {}  # the sinks are still held (one state layout for every layer), not attended

@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
         # at least float32 (a bf16 mean of squares loses digits), float64 when the input is
         shape, wide = x.shape, torch.promote_types(x.dtype, torch.float32)
         xw = x.to(wide).view(*shape[:-1], self.groups, shape[-1] // self.groups)
-        xw = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.eps)
+        xw = F.rms_norm(xw, (xw.shape[-1],), eps=self.eps)  # one kernel, not five small ops
         return (xw.view(shape) * self.weight.to(wide)).to(x.dtype)
 
 
@@ -197,8 +197,9 @@ class AllMemMemory(nn.Module):
                 "start a new cache after changing the chunk size"
             )
 
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3 Hd]
-        qkv, conv_state = self._conv(qkv, state.conv, seq_lens)
+        decode = length == 1 and not fresh and bool((seq_lens == 1).all())
+        qkv = self._qkv(x)  # [B, T, 3 Hd]
+        qkv, conv_state = self._conv(qkv, state.conv, seq_lens, one_each=decode)
         q, k, v = F.silu(qkv).split(self.width, dim=-1)
         q = self._heads(F.normalize(self._split(self.q_norm(q)), dim=-1))  # [B, H, T, d_h]
         k = self._heads(F.normalize(self._split(self.k_norm(k)), dim=-1))
@@ -212,11 +213,11 @@ class AllMemMemory(nn.Module):
         # autocast off so that its matmuls are not cast back down; the read returns to x.dtype
         wide = state_dtype(x.dtype)
         q, k, v, eta, beta_logits = (t.to(wide) for t in (q, k, v, eta, beta_logits))
-        norms = FastWeights(*(n.to(wide) for n in self._reference_norms(batch)))
         with torch.autocast(x.device.type, enabled=False):
-            if length == 1 and bool((seq_lens == 1).all()) and not fresh:
-                o, new_state = self._decode_step(q, k, v, eta, beta_logits, state, norms, config)
+            if decode:
+                o, new_state = self._decode_step(q, k, v, eta, beta_logits, state, config)
             else:
+                norms = self._reference_norms(batch, wide)
                 o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
         o = o.to(x.dtype)
         if new_state is not None:
@@ -233,13 +234,28 @@ class AllMemMemory(nn.Module):
     def _heads(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2)  # [B, T, H, d] -> [B, H, T, d]
 
-    def _reference_norms(self, batch: int) -> FastWeights:
+    def _reference_norms(self, batch: int, dtype: torch.dtype) -> FastWeights:
         # n0 of the learned initial weights, shared by every sequence of the batch
-        return FastWeights(*(n.repeat(batch, 1, 1) for n in row_norms(self.initial_weights())))
+        return FastWeights(*(n.to(dtype).repeat(batch, 1, 1) for n in row_norms(self.initial_weights())))
 
-    def _conv(self, inputs: torch.Tensor, conv_state: torch.Tensor, seq_lens: torch.Tensor):
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[q | k | v] projections. Without autograd as one matmul against the three weights
+        concatenated once (per decode token three small matmuls and a cat cost more than the
+        arithmetic); the concatenation is rebuilt whenever a weight changes (its version)."""
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.cat([F.linear(x, w) for w in weights], dim=-1)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        cached = getattr(self, "_qkv_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([w.detach() for w in weights], dim=0))
+            self._qkv_cache = cached
+        return F.linear(x, cached[1].to(x.dtype))
+
+    def _conv(self, inputs: torch.Tensor, conv_state: torch.Tensor, seq_lens: torch.Tensor, one_each: bool = False):
         """Causal depthwise conv continuing from ``conv_state``; the new state is the last
-        kernel-1 *real* inputs of every row."""
+        kernel-1 *real* inputs of every row. ``one_each``: every row has one real token (decode),
+        so that is simply the last kernel-1 inputs."""
         kernel = self.conv_kernel
         if kernel == 1:
             return inputs * self.conv_weight[:, 0], conv_state
@@ -249,6 +265,8 @@ class AllMemMemory(nn.Module):
         else:
             out = F.conv1d(full.transpose(1, 2), self.conv_weight.unsqueeze(1).to(inputs.dtype),
                            groups=full.shape[-1]).transpose(1, 2)
+        if one_each:
+            return out, full[:, 1:]
         idx = seq_lens[:, None] + torch.arange(kernel - 1, device=inputs.device)[None]  # [B, K-1]
         new_state = full.gather(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
         return out, new_state
@@ -267,7 +285,7 @@ class AllMemMemory(nn.Module):
     def _beta(self, logits_sum: torch.Tensor, count: int) -> torch.Tensor:
         return torch.sigmoid(logits_sum / count + self.beta_proj.bias.view(-1, *([1] * (logits_sum.dim() - 2))))
 
-    def _decode_step(self, q, k, v, eta, beta_logits, state: MemoryState, norms, config):
+    def _decode_step(self, q, k, v, eta, beta_logits, state: MemoryState, config):
         """One token per row: read, append to the partial chunk, write rows whose chunk filled."""
         batch = q.shape[0]
         chunk = config.chunk
@@ -285,7 +303,7 @@ class AllMemMemory(nn.Module):
             beta = self._beta(buffer_beta.sum(-1), chunk)  # [B, H]
             new = ttt_update(
                 flat_state, *(self._flat(b).to(q.dtype) for b in (buffer_k, buffer_v, buffer_eta)),
-                self._flat(beta), norms, loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
+                self._flat(beta), self._reference_norms(batch, q.dtype), loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
                 apply=full.repeat_interleave(self.heads), residual=config.read_residual,
             )
             weights = FastWeights(*(self._unflat(w, batch) for w in new.weights))
