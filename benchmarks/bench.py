@@ -278,10 +278,10 @@ def main() -> int:
         print(f"error: --op-baseline {args.op_baseline} holds no allmem/ops/ttt/chunk.py", file=sys.stderr)
         return 2
     plan = [("full", n) for n in args.lengths if n <= args.full_max]
-    if args.op_only:
-        plan = []
     plan += [(f"allmem-{w}", n) for w in args.windows
              for n in args.lengths + (args.allmem_extra if w in args.extra_windows else [])]
+    if args.op_only:
+        plan = []
     points = []
     for system, length in plan:
         print(f"[bench] {system} @ {length} ...", flush=True)
