@@ -36,3 +36,13 @@ def tiny_adapter(tiny_smollm_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def float64_by_default():
+    """float64 as the default dtype for one test (a module-level setting would leak into every
+    later test); modules of numerical references use it with ``pytestmark``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

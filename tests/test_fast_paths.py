@@ -7,13 +7,7 @@ import torch
 from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
 from allmem.ops.ttt.naive import naive_ttt
 
-
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def inputs(n, length, d, chunk, seed=0):

@@ -8,14 +8,7 @@ import torch
 from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms, swiglu_loss_grads
 from allmem.ops.ttt.naive import naive_ttt
 
-
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """float64 for this module only (a module-level setting would leak into every test)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def random_weights(n, d, expansion, scale=1.0, seed=0):
