@@ -89,6 +89,41 @@ def _skip_free_values(k: torch.Tensor, v: torch.Tensor, loss: str, residual: boo
 _STEP = {"read": swiglu_read, "update": ttt_update}
 
 
+def _stacked_read(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """swiglu_read with the three matrices stacked in ``w`` [3, N, d, d] (expansion 1)."""
+    width = w.shape[2]
+    pre = z @ torch.cat([w[0], w[2]], dim=1).mT  # [N, T, 2F]: W1 z and W3 z in one matmul
+    hidden = F.silu(pre[..., :width]) * pre[..., width:]
+    return torch.baddbmm(z, hidden, w[1].mT)
+
+
+def _stacked_update(w, m, k, out_base, eta, beta, n0, *, loss, clip, eps, apply):
+    """ttt_update on stacked matrices (w, m, n0: [3, N, d, d] or [3, N, d, 1]): every
+    normalise / clip / momentum step is one op for all three matrices, and the loss
+    gradient folds its additions into fused matmuls. ``out_base`` is k - v (mse) or -v (dot)."""
+    width = w.shape[2]
+    w_n = w / (w.norm(dim=-1, keepdim=True) + eps) * n0
+    pre = k @ torch.cat([w_n[0], w_n[2]], dim=1).mT  # [N, C, 2F]
+    pre_gate, pre_up = pre[..., :width], pre[..., width:]
+    gate_sig = torch.sigmoid(pre_gate)
+    gate = pre_gate * gate_sig
+    hidden = gate * pre_up
+    out_grad = torch.baddbmm(out_base, hidden, w_n[1].mT) if loss == "mse" else out_base
+    out_grad = out_grad * eta.unsqueeze(-1)
+    grad_hidden = out_grad @ w_n[1]
+    silu_prime = torch.addcmul(gate, gate_sig, 1 - gate)  # sigma + x sigma (1 - sigma)
+    grads = torch.stack([(grad_hidden * pre_up * silu_prime).mT @ k, out_grad.mT @ hidden, (grad_hidden * gate).mT @ k])
+    if clip is not None:
+        norms = grads.flatten(2).norm(dim=2).clamp_min(1e-12)  # [3, N]
+        grads = grads * (clip / norms).clamp(max=1.0)[..., None, None]
+    new_m = torch.addcmul(grads, beta[None, :, None, None], m)
+    new_w = w_n - new_m
+    if apply is not None:
+        keep = apply[None, :, None, None]
+        new_w, new_m = torch.where(keep, new_w, w), torch.where(keep, new_m, m)
+    return new_w, new_m
+
+
 def chunk_ttt(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -165,99 +200,21 @@ def _chunk_writes(update_mask: torch.Tensor | None, i: int, full: bool) -> tuple
 
 
 def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chunk_size, loss, clip, eps, update_mask):
-    """chunk_ttt's loop for expansion 1 (all matrices d x d), in as few ops per chunk as the
-    math allows (the chunk step is ~25 small ops, so per-op overhead is what it costs).
-
-    The three matrices live in one [N, 3, d, d] tensor ordered (W1, W3, W2), so W1 and W3
-    are one [N, 2d, d] matrix and every normalise / clip / momentum step is one op. A chunk's
-    read (pristine W~ on the queries) and its inner forward (normalised W- on the keys) share
-    each matmul: W- = s * W~ row-wise, so k W-^T = (k W~^T) * s, and the chunk's queries and
-    keys go through W1|W3 and then W2 together, the key half rescaled by s in between.
-    Without autograd the state, momentum and scratch buffers are updated in place."""
+    """chunk_ttt's loop for expansion 1 (all matrices d x d), on stacked matrices."""
     if loss not in ("mse", "dot"):
         raise ValueError(f"unknown inner loss {loss!r}; choose one of ('mse', 'dot')")
-    n, length, d = q.shape
-    c = chunk_size
-    inplace = not torch.is_grad_enabled()
-    ws, ms = initial_state.weights, initial_state.momentum
-    w = torch.stack([ws.w1, ws.w3, ws.w2], dim=1)  # [N, 3, d, d]: a copy, ours to update in place
-    m = torch.stack([ms.w1, ms.w3, ms.w2], dim=1)
-    n0 = torch.stack([r.expand(n, d, 1) for r in (reference_norms.w1, reference_norms.w3, reference_norms.w2)], dim=1)
-    full = length // c
-    writes_any, writes_all = _mask_summary(update_mask, -(-length // c))
-    # once per sequence: queries and keys of each chunk side by side [N, nc, 2C, d], and the
-    # eta-weighted constant part of the output gradient ((k - v) for mse, -v for dot)
-    x = torch.cat([q[:, : full * c].view(n, full, c, d), k[:, : full * c].view(n, full, c, d)], dim=2)
-    k_chunks = k[:, : full * c].view(n, full, c, d)
-    eta_chunks = eta[:, : full * c].view(n, full, c, 1)
-    base = ((k - v) if loss == "mse" else -v)[:, : full * c].view(n, full, c, d) * eta_chunks
-    grads = torch.empty_like(w) if inplace else None
-    reads = []
-    for i in range(full):
-        w13, w2 = w[:, :2].reshape(n, 2 * d, d), w[:, 2]
-        scale = n0 / (torch.linalg.vector_norm(w, dim=-1, keepdim=True) + eps)  # [N, 3, d, 1]: W- = scale * W~
-        pre = x[:, i] @ w13.mT  # [N, 2C, 2d]: W1 z | W3 z, queries (pristine) then keys
-        key_scale = scale[:, :2].reshape(n, 1, 2 * d)
-        if inplace:
-            pre[:, c:].mul_(key_scale)
-        else:
-            pre = torch.cat([pre[:, :c], pre[:, c:] * key_scale], dim=1)
-        pre_gate, pre_up = pre[..., :d], pre[..., d:]
-        gate_sig = torch.sigmoid(pre_gate)
-        gate = pre_gate * gate_sig
-        hidden = gate * pre_up
-        out = hidden @ w2.mT  # [N, 2C, d]
-        reads.append(out[:, :c])
-        if not writes_any[i]:
+    length = q.shape[1]
+    w = torch.stack(initial_state.weights)
+    m = torch.stack(initial_state.momentum)
+    n0 = torch.stack([r.expand_as(reference_norms[0]) for r in reference_norms]).expand(3, q.shape[0], -1, -1)
+    out_base = k - v if loss == "mse" else -v  # once for the whole sequence
+    outputs = []
+    for i in range(-(-length // chunk_size)):
+        start, end = i * chunk_size, min(length, (i + 1) * chunk_size)
+        outputs.append(_stacked_read(q[:, start:end], w))
+        writes, apply = _chunk_writes(update_mask, i, full=end - start == chunk_size)
+        if not writes:
             continue
-        if loss == "mse":  # eta (f(k) - v) = eta (k - v) + eta (s2 * W2~ h)
-            out_grad = torch.addcmul(base[:, i], out[:, c:] * scale[:, 2].mT, eta_chunks[:, i])
-        else:
-            out_grad = base[:, i]
-        w_n = w * scale  # W-
-        grad_hidden = out_grad @ w_n[:, 2]  # [N, C, d]
-        gate_sig_k, gate_k, up_k, hidden_k = gate_sig[:, c:], gate[:, c:], pre_up[:, c:], hidden[:, c:]
-        silu_prime = torch.addcmul(gate_sig_k, gate_k, 1 - gate_sig_k)  # sigma + x sigma (1 - sigma)
-        k_i = k_chunks[:, i]
-        if inplace:
-            grad_pre = torch.empty(n, c, 2 * d, dtype=q.dtype, device=q.device)
-            torch.mul(grad_hidden * up_k, silu_prime, out=grad_pre[..., :d])
-            torch.mul(grad_hidden, gate_k, out=grad_pre[..., d:])
-            torch.matmul(grad_pre.mT, k_i, out=grads[:, :2].view(n, 2 * d, d))
-            torch.matmul(out_grad.mT, hidden_k, out=grads[:, 2])
-            g = grads
-        else:
-            grad_pre = torch.cat([grad_hidden * up_k * silu_prime, grad_hidden * gate_k], dim=-1)
-            g = torch.cat([(grad_pre.mT @ k_i).view(n, 2, d, d), (out_grad.mT @ hidden_k)[:, None]], dim=1)
-        factor = None
-        if clip is not None:  # per matrix of every memory: [N, 3]
-            factor = (clip / torch.linalg.vector_norm(g.flatten(2), dim=-1).clamp_min(1e-12)).clamp(max=1.0)
-            factor = factor[..., None, None]
-        b = beta[:, i, None, None, None]
-        if inplace and writes_all[i]:
-            m.mul_(b)
-            m = m.addcmul_(g, factor) if factor is not None else m.add_(g)
-            w = w_n.sub_(m)
-            continue
-        new_m = torch.addcmul(g * factor if factor is not None else g, b, m)
-        new_w = w_n - new_m
-        if writes_all[i]:
-            w, m = new_w, new_m
-        else:
-            keep = update_mask[:, i, None, None, None]
-            w, m = torch.where(keep, new_w, w), torch.where(keep, new_m, m)
-    if full * c < length:  # a partial last chunk is read, never written (it is buffered)
-        w13, w2 = w[:, :2].reshape(n, 2 * d, d), w[:, 2]
-        pre = q[:, full * c :] @ w13.mT
-        reads.append((F.silu(pre[..., :d]) * pre[..., d:]) @ w2.mT)
-    o = q + torch.cat(reads, dim=1)
-    unstack = lambda t: FastWeights(t[:, 0].contiguous(), t[:, 2].contiguous(), t[:, 1].contiguous())  # noqa: E731
-    return o, TTTState(unstack(w), unstack(m))
-
-
-def _mask_summary(update_mask: torch.Tensor | None, num_chunks: int) -> tuple[list[bool], list[bool]]:
-    """Per chunk: whether any memory writes, whether all do (two host syncs for the whole
-    sequence instead of two per chunk). Without a mask every full chunk writes."""
-    if update_mask is None:
-        return [True] * num_chunks, [True] * num_chunks
-    return update_mask.any(0).tolist(), update_mask.all(0).tolist()
+        w, m = _stacked_update(w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end], beta[:, i], n0,
+                               loss=loss, clip=clip, eps=eps, apply=apply)
+    return torch.cat(outputs, dim=1), TTTState(FastWeights(*w.unbind(0)), FastWeights(*m.unbind(0)))
