@@ -10,6 +10,7 @@ values). No training: it reads a fresh conversion or a checkpoint.
 
     .venv/bin/python benchmarks/memory_addressing.py                                 # fresh, key_init attention
     .venv/bin/python benchmarks/memory_addressing.py --key-init query                # fresh, keys = queries
+    .venv/bin/python benchmarks/memory_addressing.py --key-init query --set weight_norm=false clip=null
     .venv/bin/python benchmarks/memory_addressing.py --weights out/recall-v5/checkpoints/step-000120/trainable.safetensors
 """
 
@@ -25,21 +26,24 @@ RECALL_SETTINGS = ["allmem.read_residual=false", "allmem.qk_scale=1.0", "allmem.
                    "allmem.conv_init=key_shift", "allmem.window=64", "allmem.chunk=32"]
 
 
-def queries_and_keys(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The memory's normalised q, k [H, T, d_h] for one sequence x [1, T, d] (conv from an empty state)."""
+def projections(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory's normalised q, k and its values v [H, T, d_h] for one sequence x [1, T, d] (conv from
+    an empty state)."""
     qkv = memory._qkv(x)
     conv_state = torch.zeros(1, memory.conv_kernel - 1, qkv.shape[-1], dtype=qkv.dtype)
     qkv, _ = memory._conv(qkv, conv_state, torch.tensor([x.shape[1]]))
-    q, k, _ = F.silu(qkv).split(memory.width, dim=-1)
+    q, k, v = F.silu(qkv).split(memory.width, dim=-1)
     q = F.normalize(memory._split(memory.q_norm(q)), dim=-1)[0].transpose(0, 1)
     k = F.normalize(memory._split(memory.k_norm(k)), dim=-1)[0].transpose(0, 1)
-    return q, k
+    return q, k, memory._split(v)[0].transpose(0, 1)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="a checkpoint's trainable.safetensors (default: a fresh conversion)")
     parser.add_argument("--key-init", choices=["attention", "query"], default="attention")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more memory settings, e.g. weight_norm=false clip=null (allmem.KEY of the recipe)")
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--length", type=int, default=768)
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
@@ -52,20 +56,26 @@ def main() -> int:
     from allmem.distill.tasks import make_example
 
     torch.set_num_threads(1)
-    recipe = load_recipe("smollm2-recall", [*RECALL_SETTINGS, f"allmem.key_init={args.key_init}"])
+    recipe = load_recipe("smollm2-recall", [*RECALL_SETTINGS, f"allmem.key_init={args.key_init}",
+                                            *(f"allmem.{s}" for s in args.set)])
     base, tok = load_base(recipe.base, dtype=torch.float32)
     model = convert(base, recipe.allmem_config(), base_name=recipe.base).eval()
     if args.weights:
         _, unexpected = model.load_state_dict(load_file(args.weights), strict=False)
         if unexpected:
             raise SystemExit(f"error: {args.weights} has tensors this model lacks: {unexpected[:3]}")
-    inputs = {}
+    inputs, reads = {}, {}
     for i, layer in enumerate(model.model.layers):
-        layer.self_attn.memory.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+        memory = layer.self_attn.memory
+        memory.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+        # out_norm's input is the fast weights' read [1, T, H * d_h], before the norm and the gate
+        memory.out_norm.register_forward_pre_hook(lambda m, a, i=i: reads.__setitem__(i, a[0].detach()))
 
     window = recipe.allmem_config().window
     rng = random.Random(7)
     ranks: dict[int, list[torch.Tensor]] = {}
+    read_ranks: dict[int, list[torch.Tensor]] = {}
+    agreements: dict[int, list[torch.Tensor]] = {}
     cosines: dict[int, list[float]] = {}
     for _ in range(args.prompts):
         ex = make_example("passkey", tok, args.length, rng, split="heldout")
@@ -73,11 +83,24 @@ def main() -> int:
                                          tokenize=True, return_dict=True)["input_ids"]
         answer = tok(ex.answer.strip().rstrip("."), add_special_tokens=False).input_ids
         needle = next(p for p in range(len(prompt)) if prompt[p:p + len(answer)] == answer)
+        # the counterfactual: the same prompt with every needle digit d replaced by (d + 5) % 10
+        other = [tok.convert_tokens_to_ids(str((int(tok.decode([t])) + 5) % 10)) for t in answer]
+        counter = list(prompt)
+        counter[needle:needle + len(answer)] = other
         with torch.no_grad():
+            model(torch.tensor([counter + answer]), use_cache=False)
+            counter_inputs, counter_reads = dict(inputs), dict(reads)
             model(torch.tensor([list(prompt) + answer]), use_cache=False)
         old = len(prompt) - window  # keys the window no longer covers
         for layer, x in inputs.items():
-            q, k = queries_and_keys(model.model.layers[layer].self_attn.memory, x)
+            memory = model.model.layers[layer].self_attn.memory
+            q, k, v = projections(memory, x)
+            read = F.normalize(memory._split(reads[layer])[0].transpose(0, 1), dim=-1)  # [H, T, d_h]
+            values = F.normalize(v[:, :old], dim=-1)
+            # what the needle changed: in the read at the answer, and in the needle's values
+            _, _, counter_v = projections(memory, counter_inputs[layer])
+            read_change = memory._split(reads[layer] - counter_reads[layer])[0].transpose(0, 1)  # [H, T, d_h]
+            value_change = v - counter_v
             keys = k[:, :old]
             gram = keys @ keys.transpose(1, 2)
             n = gram.shape[-1]
@@ -86,14 +109,30 @@ def main() -> int:
                 scores = keys @ q[:, len(prompt) + j - 1].unsqueeze(-1)  # [H, n, 1]
                 target = scores[:, needle + j]
                 ranks.setdefault(layer, []).append((scores > target[:, None]).sum((1, 2)) + 1)
+                similarity = values @ read[:, len(prompt) + j - 1].unsqueeze(-1)  # [H, n, 1]
+                target = similarity[:, needle + j]
+                read_ranks.setdefault(layer, []).append((similarity > target[:, None]).sum((1, 2)) + 1)
+                agreement = F.cosine_similarity(read_change[:, len(prompt) + j - 1], value_change[:, needle + j], dim=-1)
+                agreements.setdefault(layer, []).append(agreement)  # [H]
 
     lines = [f"Needle-key rank among ~{old} keys older than the window (median over {args.prompts} passkey prompts x "
-             f"answer digits), key_init {args.key_init}, weights {args.weights or 'fresh conversion'}", "",
-             "| layer | mean key cosine | median rank per head | share of rank 1 (best head) |", "|---:|---:|---|---:|"]
+             f"answer digits), key_init {args.key_init} {' '.join(args.set)}, weights {args.weights or 'fresh conversion'}", "",
+             "Read rank: rank of the needle's value among the same old values by cosine with what the fast weights "
+             "actually return there (out_norm's input). Change agreement: cosine between how the read at the answer "
+             "changes and how the needle's value changes when the needle's digits d become (d + 5) % 10 (the "
+             "specific information the memory carries; 1 = the read moves exactly with the fact, 0 = not at all).", "",
+             "| layer | mean key cosine | median key rank per head | share of key rank 1 (best head) "
+             "| median read rank per head | mean change agreement per head |", "|---:|---:|---|---:|---|---|"]
     for layer in sorted(ranks):
         r = torch.stack(ranks[layer]).float()
+        rr = torch.stack(read_ranks[layer]).float()
         lines.append(f"| {layer} | {sum(cosines[layer]) / len(cosines[layer]):.3f} | "
-                     f"{[int(v) for v in r.median(0).values]} | {float((r == 1).float().mean(0).max()):.2f} |")
+                     f"{[int(v) for v in r.median(0).values]} | {float((r == 1).float().mean(0).max()):.2f} | "
+                     f"{[int(v) for v in rr.median(0).values]} | "
+                     f"{[round(float(a), 2) for a in torch.stack(agreements[layer]).mean(0)]} |")
+    every = torch.stack([torch.stack(a).mean(0) for a in agreements.values()])  # [layers, H]
+    lines += ["", f"mean change agreement over all {every.numel()} heads: {float(every.mean()):.3f} "
+              f"(best head {float(every.max()):.2f}; heads above 0.3: {int((every > 0.3).sum())})"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

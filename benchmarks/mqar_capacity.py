@@ -12,6 +12,8 @@ a tied LM head over the value tokens would need), and |write's change of the rea
 
     .venv/bin/python benchmarks/mqar_capacity.py [--out docs/mqar]   # writes capacity.md / .json
     .venv/bin/python benchmarks/mqar_capacity.py --retention --out docs/mqar/session3   # retention.md
+    .venv/bin/python benchmarks/mqar_capacity.py --retention weight_norm --fillers 64 224 640 \
+        --out docs/distill/recall/retention
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
 
 
 def probe(*, residual=True, qk_scale=1.0, base_lr=0.1, clip=1.0, chunk=32, expansion=1, loss="mse",
-          momentum=0.5, pairs=16, filler=64, d=64, memories=32, seed=0) -> dict[str, float]:
+          momentum=0.5, weight_norm=True, pairs=16, filler=64, d=64, memories=32, seed=0) -> dict[str, float]:
     g = torch.Generator().manual_seed(seed)
     n, f = memories, expansion * d
     w0 = FastWeights(torch.randn(n, f, d, generator=g) / math.sqrt(d),
@@ -48,7 +50,8 @@ def probe(*, residual=True, qk_scale=1.0, base_lr=0.1, clip=1.0, chunk=32, expan
     zeros = FastWeights(*(torch.zeros_like(w) for w in w0))
 
     def run(lr_scale):
-        o, _ = chunk_ttt(q, k, v, eta * lr_scale, beta, TTTState(w0, zeros), row_norms(w0), chunk_size=chunk,
+        norms = row_norms(w0) if weight_norm else None
+        o, _ = chunk_ttt(q, k, v, eta * lr_scale, beta, TTTState(w0, zeros), norms, chunk_size=chunk,
                          loss=loss, clip=clip, residual=residual)
         return o[:, start:start + pairs]
 
@@ -71,20 +74,32 @@ GRID = {  # one factor at a time around two anchors: the spec and the skip-free 
     "expansion": [1, 2],
     "loss": ["mse", "dot"],
     "momentum": [0.5, 0.9],
+    "weight_norm": [True, False],
 }
 
 
-def retention(out: Path, fillers: list[int]) -> None:
-    """The skip-free memory's top-1 after G filler writes over qk_scale x base_lr x momentum:
-    how fast writes erase what came before (the write size is what the three set together)."""
+RETENTION_GRIDS = {  # the factors crossed by --retention, and what the rest stay at
+    "qk": ({"qk_scale": (1.0, 2.0, 4.0, 8.0), "base_lr": (0.1, 0.3, 1.0), "momentum": (0.5, 0.9)}, "clip 1.0, weight norm"),
+    "weight_norm": ({"weight_norm": (True, False), "clip": (1.0, None), "base_lr": (0.1, 0.3, 1.0), "momentum": (0.5, 0.9)},
+                    "qk_scale 1"),
+}
+
+
+def retention(out: Path, fillers: list[int], grid: str) -> None:
+    """The skip-free memory's top-1 after G filler writes over a grid of write settings: how fast
+    writes erase what came before (qk_scale, base_lr and momentum set the write size together;
+    the weight norm and the clip decide whether a stored pair stops being rewritten)."""
+    factors, rest = RETENTION_GRIDS[grid]
     lines = ["# Retention of an untrained skip-free memory head (benchmarks/mqar_capacity.py --retention)", "",
              "16 key -> value writes, G filler writes, then the 16 keys read one chunk later; top-1 = the read is "
              "nearest its own value among the 16 (chance 0.0625). read_residual=False, d_h 64, chunk 32, e 1, mse, "
-             "clip 1.0.", "", "| qk_scale | base_lr | momentum | " + " | ".join(f"top-1 G={g}" for g in fillers) + " |",
-             "|---" * (3 + len(fillers)) + "|"]
-    for qk, lr, momentum in itertools.product((1.0, 2.0, 4.0, 8.0), (0.1, 0.3, 1.0), (0.5, 0.9)):
-        top1 = [probe(residual=False, qk_scale=qk, base_lr=lr, momentum=momentum, filler=g)["top1"] for g in fillers]
-        lines.append(f"| {qk:g} | {lr:g} | {momentum:g} | " + " | ".join(f"{t:.3f}" for t in top1) + " |")
+             f"{rest}.", "", "| " + " | ".join(factors) + " | " + " | ".join(f"top-1 G={g}" for g in fillers) + " |",
+             "|---" * (len(factors) + len(fillers)) + "|"]
+    for values in itertools.product(*factors.values()):
+        setting = dict(zip(factors, values))
+        top1 = [probe(residual=False, **setting, filler=g)["top1"] for g in fillers]
+        lines.append("| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) + " | "
+                     + " | ".join(f"{t:.3f}" for t in top1) + " |")
         print(lines[-1], flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "retention.md").write_text("\n".join(lines) + "\n")
@@ -94,12 +109,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/mqar")
     parser.add_argument("--fillers", nargs="+", type=int, default=[0, 64, 224])
-    parser.add_argument("--retention", action="store_true",
-                        help="the qk_scale x base_lr x momentum grid of the skip-free memory instead (retention.md)")
+    parser.add_argument("--retention", choices=sorted(RETENTION_GRIDS), nargs="?", const="qk", default=None,
+                        help="a grid of the skip-free memory's write settings instead (retention.md): qk (the "
+                             "default) = qk_scale x base_lr x momentum, weight_norm = weight norm x clip x base_lr x momentum")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.retention:
-        retention(Path(args.out), [g for g in args.fillers if g] or [64, 224])
+        retention(Path(args.out), [g for g in args.fillers if g] or [64, 224], args.retention)
         return
     rows = []
     anchors = {"spec": dict(residual=True), "skip-free": dict(residual=False)}

@@ -340,3 +340,23 @@ def test_generate_data_writes_on_policy_samples_and_resumes(tiny_smollm_dir, tmp
     _, tok = allmem.load_base(str(tiny_smollm_dir))
     samples = file_samples(tok, out, max_len=512)  # trainable as a file source
     assert all(sum(s.loss_mask) > 0 for s in samples)
+
+
+def test_eta_heads_get_their_own_learning_rate_and_older_checkpoints_say_why_they_cannot_resume(tiny_smollm_dir, tmp_path):
+    from allmem.distill.checkpoint import CheckpointMismatchError
+
+    trainer = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "a", **{"train.eta_lr_mult": 7}),
+                             progress=False).setup()
+    groups = trainer.optimizer.param_groups
+    gates = {id(p) for n, p in trainer.params.items() if ".eta_proj." in n}
+    assert gates and {id(p) for p in groups[2]["params"]} == gates
+    assert groups[2]["initial_lr"] == pytest.approx(7 * groups[0]["initial_lr"])
+    assert not gates & {id(p) for g in groups[:2] for p in g["params"]}
+    # a checkpoint (old format) of an optimizer from before the eta group: a clear mismatch, nothing loaded
+    old = torch.optim.AdamW([{"params": list(groups[0]["params"]) + list(groups[2]["params"])},
+                             {"params": list(groups[1]["params"])}], lr=1e-3)
+    save_checkpoint(tmp_path / "b" / "checkpoints", 2, trainer.params, old, trainer.scheduler, {"recipe": "x"})
+    with pytest.raises(CheckpointMismatchError, match="parameter groups"):
+        DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "b"), resume=True, progress=False).setup()
+    with pytest.raises(allmem.ConfigError, match="eta_lr_mult"):
+        tiny_recipe(tiny_smollm_dir, tmp_path / "c", **{"train.eta_lr_mult": -1})

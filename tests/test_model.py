@@ -247,6 +247,31 @@ def test_key_init_query_makes_the_fresh_memory_an_induction_copy():
     assert int(scores.argmax()) == 4
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_output_init_attention_writes_what_the_group_heads_attending_to_the_value_would(family):
+    """After convert (post_init included): memory o_proj applied to a per-group value equals the
+    attention's o_proj applied to that value repeated to each of the group's query heads."""
+    from test_gemma3 import tiny_gemma3
+
+    base = tiny_gemma3() if family == "gemma3" else tiny_base(family)
+    model = allmem.convert(base, allmem.AllMemConfig(init="attention", output_init="attention"))
+    text = model.config.get_text_config()
+    for layer in model.model.layers:
+        attn, memory = layer.self_attn.attn, layer.self_attn.memory
+        value = torch.randn(2, text.num_key_value_heads, attn.head_dim)
+        groups = text.num_attention_heads // text.num_key_value_heads
+        per_query_head = value.repeat_interleave(groups, dim=1).reshape(2, -1)  # query head h reads kv head h // groups
+        torch.testing.assert_close(memory.o_proj(value.reshape(2, -1)), attn.o_proj(per_query_head))
+    fresh = allmem.convert(tiny_base("qwen3"), allmem.AllMemConfig(init="attention"))  # the default: random
+    layer, text = fresh.model.layers[0].self_attn, fresh.config.get_text_config()
+    value = torch.randn(2, text.num_key_value_heads, layer.attn.head_dim)
+    groups = text.num_attention_heads // text.num_key_value_heads
+    per_query_head = value.repeat_interleave(groups, dim=1).reshape(2, -1)
+    assert not torch.allclose(layer.memory.o_proj(value.reshape(2, -1)), layer.attn.o_proj(per_query_head), atol=1e-3)
+    with pytest.raises(allmem.ConfigError, match="output_init"):
+        allmem.AllMemConfig(init="random", output_init="attention")
+
+
 @pytest.mark.parametrize("family", [*sorted(TINY_FAMILIES), "gemma3"])
 @pytest.mark.parametrize("base_lr,momentum", [(0.1, 0.5), (0.5, 0.9)])
 def test_convert_keeps_the_memory_initialisation_of_the_spec(family, base_lr, momentum):

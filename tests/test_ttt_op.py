@@ -220,12 +220,77 @@ def test_skip_free_memory_matches_its_reference(loss, expansion):
     assert not torch.allclose(o_skip, o)
 
 
-def test_skip_free_scaled_memory_prefill_equals_segments_and_decoding():
-    """The model-level path of read_residual=False / qk_scale (ours): one prefill = segments
-    fed through the cache, including one-token decode steps that fill and write a chunk."""
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_skip_free_scaled_memory_prefill_equals_segments_and_decoding(weight_norm):
+    """The model-level path of read_residual=False / qk_scale / weight_norm (ours): one prefill =
+    segments fed through the cache, including one-token decode steps that fill and write a chunk."""
     import allmem
     from tiny_models import assert_segments_equal_one_prefill, randomise_memory, tiny_base
 
-    config = allmem.AllMemConfig(window=8, sinks=2, chunk=4, read_residual=False, qk_scale=8.0)
+    config = allmem.AllMemConfig(window=8, sinks=2, chunk=4, read_residual=False, qk_scale=8.0, weight_norm=weight_norm)
     model = randomise_memory(allmem.convert(tiny_base("llama"), config)).eval()
     assert_segments_equal_one_prefill(model, [5, 1, 1, 1, 9, 1, 2])
+
+
+@pytest.mark.parametrize("expansion", [1, 2], ids=["e1-stacked", "e2"])
+@pytest.mark.parametrize("residual", [True, False], ids=["skip", "skip-free"])
+def test_no_weight_norm_matches_the_reference_and_differs_from_it(residual, expansion):
+    """reference_norms=None (AllMemConfig.weight_norm=False, ours): every write lands on the weights
+    as they are; outputs, state and outer gradients equal the token loop's."""
+    n, length, d, chunk = 3, 17, 5, 4
+    inputs = [x.clone().requires_grad_() for x in make_inputs(n, length, d, chunk)]
+    w0 = FastWeights(*(w.clone().requires_grad_() for w in random_weights(n, d, expansion, scale=1.3)))
+    zeros = FastWeights(*(torch.zeros_like(w) for w in w0))
+
+    def run(fn, norms):
+        o, state = fn(*inputs, TTTState(w0, zeros), norms, chunk_size=chunk, clip=0.7, residual=residual)
+        objective = o.sin().sum() + sum((w * w).sum() for w in state.weights)
+        return (o, *state.weights, *state.momentum), torch.autograd.grad(objective, [*inputs, *w0])
+
+    fast, fast_grads = run(chunk_ttt, None)
+    ref, ref_grads = run(naive_ttt, None)
+    for a, b in zip((*fast, *fast_grads), (*ref, *ref_grads)):
+        torch.testing.assert_close(a, b)
+    normed, _ = run(chunk_ttt, row_norms(w0))
+    assert (normed[1] - fast[1]).abs().max() > 1e-3  # None is not the weight norm in disguise
+
+
+def test_without_the_weight_norm_an_untrained_head_keeps_a_pair_through_640_writes():
+    """Why weight_norm=False exists: a skip-free head (d 64, eta 0.3, momentum 0.9, no clip) writes
+    one key -> value pair, then 640 random pairs, then reads the key. Without the weight norm the
+    read is nearest its own value among all 641 in most memories; with it, in almost none."""
+    torch.manual_seed(0)
+    n, d, chunk, filler = 16, 64, 32, 640
+    length = 32 + filler + chunk
+    k = torch.nn.functional.normalize(torch.randn(n, length, d), dim=-1)
+    v = torch.randn(n, length, d)
+    q = k.clone()
+    q[:, -1] = k[:, 0]  # the last token reads the first pair
+    eta = torch.full((n, length), 0.3)
+    beta = torch.full((n, length // chunk), 0.9)
+    w0 = random_weights(n, d, 1)
+    w0 = FastWeights(w0.w1, w0.w2 * 0.1, w0.w3)  # the memory's initial scale of W2
+    zeros = FastWeights(*(torch.zeros_like(w) for w in w0))
+
+    def retained(norms) -> float:
+        o, _ = chunk_ttt(q, k, v, eta, beta, TTTState(w0, zeros), norms, chunk_size=chunk, clip=None, residual=False)
+        sims = torch.nn.functional.normalize(v[:, :-chunk], dim=-1) @ torch.nn.functional.normalize(o[:, -1], dim=-1)[..., None]
+        return float((sims[:, :, 0].argmax(1) == 0).double().mean())
+
+    assert retained(None) >= 0.9
+    assert retained(row_norms(w0)) <= 0.2
+
+
+def test_weight_norm_setting_reaches_the_model():
+    """weight_norm=False is not ignored on the way from the config to the op: same weights, other logits."""
+    import allmem
+    from tiny_models import ids, randomise_memory, tiny_base
+
+    logits = []
+    for weight_norm in (True, False):
+        torch.manual_seed(0)
+        config = allmem.AllMemConfig(window=4, sinks=1, chunk=4, read_residual=False, weight_norm=weight_norm)
+        model = randomise_memory(allmem.convert(tiny_base("llama"), config)).eval()
+        with torch.no_grad():
+            logits.append(model(ids(1, 24), use_cache=False).logits)
+    assert (logits[0] - logits[1]).abs().max() > 1e-4

@@ -12,6 +12,7 @@ POSITION_MODES = ("rolling", "absolute")
 INIT_MODES = ("attention", "random")
 CONV_INITS = ("key_shift", "identity")
 KEY_INITS = ("attention", "query")
+OUTPUT_INITS = ("random", "attention")
 INNER_LOSSES = ("mse", "dot")
 MEMORY_TYPES = ("ttt", "mamba2")
 MAX_TOKENS = 2**22
@@ -74,6 +75,13 @@ class AllMemConfig:
     clip: float | None = 1.0
     """(ours) tau: per-matrix clip on the Frobenius norm of the inner gradient; None disables."""
     norm_eps: float = 1e-5
+    weight_norm: bool = True
+    """True (the spec): before every write each row of the fast weights is rescaled to its initial
+    norm. (ours) False writes on the weights as they are. With the weight norm, a skip-free read can
+    never grow to the values' size, so the inner loss never falls, every chunk writes at full
+    strength and a write is erased within a few hundred tokens: an untrained d_h-64 head keeps one
+    pair through 640 later writes 0-6 % of the time with the weight norm and 100 % without
+    (benchmarks/mqar_capacity.py --retention; docs/distill/recall/README.md)."""
     read_residual: bool = True
     """(ours) True: f_W(z) = z + W2(silu(W1 z) * W3 z) as in the spec. False drops the skip "+ z"
     from the read and from the inner loss, so a read returns only what the chunks wrote."""
@@ -93,6 +101,13 @@ class AllMemConfig:
     needle's key ranks ~5th of ~700 (among the digits) in the best heads even after 220 recall
     steps, with the copy it ranks 1st in most heads of layers 0-18 before any training
     (benchmarks/memory_addressing.py, docs/distill/recall/README.md). TTT memory only."""
+    output_init: Literal["random", "attention"] = "random"
+    """(ours) where the memory's output projection W_o starts. random: small random weights (the
+    spec). attention: for each key/value group, the sum of the attention's o_proj columns of that
+    group's query heads, so a read that returns a token's value writes to the residual stream what
+    all of the group's query heads attending to that token would (the memory's query is their mean,
+    its value the attention's v_proj). The memory's output is then in the attention's own output
+    space from step 0 and alpha alone decides how much of it to add. TTT memory with init=attention."""
     swa_block: int | None = None
     """Query block of the blocked prefill; None = min(W, 128)."""
     memory_type: Literal["ttt", "mamba2"] = "ttt"
@@ -138,6 +153,10 @@ class AllMemConfig:
              f"conv_kernel must be an integer >= 0 and <= {MAX_WIDTH}, got {self.conv_kernel!r}")
         need(self.conv_init in CONV_INITS, f"conv_init must be one of {CONV_INITS}, got {self.conv_init!r}")
         need(self.key_init in KEY_INITS, f"key_init must be one of {KEY_INITS}, got {self.key_init!r}")
+        need(self.output_init in OUTPUT_INITS, f"output_init must be one of {OUTPUT_INITS}, got {self.output_init!r}")
+        need(self.output_init == "random" or self.init == "attention",
+             "output_init='attention' copies the attention's o_proj into a memory as wide as its values; "
+             "it needs init='attention'")
         need(_is_number(self.base_lr) and self.base_lr > 0, f"base_lr must be a positive number, got {self.base_lr!r}")
         need(_is_number(self.momentum_init) and 0.0 < self.momentum_init < 1.0,
              f"momentum_init must lie strictly between 0 and 1, got {self.momentum_init!r}")
@@ -145,6 +164,7 @@ class AllMemConfig:
              f"clip must be None or a number > 0, got {self.clip!r}")
         need(_is_number(self.norm_eps) and self.norm_eps > 0, f"norm_eps must be a number > 0, got {self.norm_eps!r}")
         need(isinstance(self.read_residual, bool), f"read_residual must be True or False, got {self.read_residual!r}")
+        need(isinstance(self.weight_norm, bool), f"weight_norm must be True or False, got {self.weight_norm!r}")
         need(_is_number(self.qk_scale) and self.qk_scale > 0,
              f"qk_scale must be a positive number, got {self.qk_scale!r}")
         need(self.swa_block is None or (_is_int(self.swa_block) and 0 < self.swa_block <= MAX_TOKENS),

@@ -102,6 +102,10 @@ def init_memory_from_attention(model: AllMemForCausalLM) -> None:
             memory.q_proj.weight.copy_(q.mean(dim=1).reshape(kv_width, text.hidden_size))
             memory.k_proj.weight.copy_(attn.k_proj.weight)
             memory.v_proj.weight.copy_(attn.v_proj.weight)
+            if model.allmem_config.output_init == "attention":
+                # o_proj columns per query head, summed over each key/value group's query heads
+                o = attn.o_proj.weight.view(text.hidden_size, text.num_key_value_heads, -1, attn.head_dim)
+                memory.o_proj.weight.copy_(o.sum(dim=2).reshape(text.hidden_size, kv_width))
 
 
 def convert(base: PreTrainedModel, config: AllMemConfig | None = None, *, base_name: str | None = None) -> AllMemForCausalLM:

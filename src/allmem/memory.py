@@ -217,7 +217,7 @@ class AllMemMemory(nn.Module):
             if decode:
                 o, new_state = self._decode_step(q, k, v, eta, beta_logits, state, config)
             else:
-                norms = self._reference_norms(batch, wide)
+                norms = self._reference_norms(batch, wide, config)
                 o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
         o = o.to(x.dtype)
         if new_state is not None:
@@ -234,8 +234,10 @@ class AllMemMemory(nn.Module):
     def _heads(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2)  # [B, T, H, d] -> [B, H, T, d]
 
-    def _reference_norms(self, batch: int, dtype: torch.dtype) -> FastWeights:
+    def _reference_norms(self, batch: int, dtype: torch.dtype, config: AllMemConfig) -> FastWeights | None:
         # n0 of the learned initial weights, shared by every sequence of the batch
+        if not config.weight_norm:
+            return None
         return FastWeights(*(n.to(dtype).repeat(batch, 1, 1) for n in row_norms(self.initial_weights())))
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,7 @@ class AllMemMemory(nn.Module):
             beta = self._beta(buffer_beta.sum(-1), chunk)  # [B, H]
             new = ttt_update(
                 flat_state, *(self._flat(b).to(q.dtype) for b in (buffer_k, buffer_v, buffer_eta)),
-                self._flat(beta), self._reference_norms(batch, q.dtype), loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
+                self._flat(beta), self._reference_norms(batch, q.dtype, config), loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
                 apply=full.repeat_interleave(self.heads), residual=config.read_residual,
             )
             weights = FastWeights(*(self._unflat(w, batch) for w in new.weights))

@@ -184,6 +184,12 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         per_param.setdefault(int(idx), {})[key] = value
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointMismatchError(
+            f"the checkpoint's optimizer has {len(meta['param_groups'])} parameter groups but this trainer has "
+            f"{len(optimizer.param_groups)} (an older allmem wrote it, before the eta heads got a group of their own, "
+            "train.eta_lr_mult); resume it with that version, or warm-start from it: scripts/checkpoint_to_adapter.py "
+            "and train.init_adapter")
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
 
 

@@ -34,6 +34,11 @@ class TrainSettings:
     grad_clip: float = 1.0
     alpha_lr_mult: float = 1.0
     """(ours) learning-rate multiplier for the fusion scale alpha, which starts at 0."""
+    eta_lr_mult: float = 1.0
+    """(ours) learning-rate multiplier for the write gates (the eta heads, eta_proj). A fact survives
+    hundreds of later writes only if the filler writes far less than the fact (a 100x lower eta
+    keeps a needle's value at cosine ~0.5 after 550 tokens where a uniform eta keeps ~0.05:
+    benchmarks/needle_retention.py), and the gate starts uniform, so it has the most to learn."""
     lambda_kl: float = 1.0
     lambda_ce: float = 0.0
     kl_chunk: int = 1024
@@ -140,8 +145,8 @@ class Recipe:
         for name in ("lr", "kl_chunk", "teacher_topk", "max_bad_steps"):
             if not getattr(t, name) > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)!r}")
-        for name in ("weight_decay", "warmup_steps", "grad_clip", "lambda_kl", "lambda_ce", "save_every",
-                     "eval_every", "recall_prompts"):
+        for name in ("weight_decay", "warmup_steps", "grad_clip", "alpha_lr_mult", "eta_lr_mult", "lambda_kl",
+                     "lambda_ce", "save_every", "eval_every", "recall_prompts"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
         if not 0 <= t.decay_fraction <= 1:

@@ -176,8 +176,10 @@ class DistillTrainer:
     def _setup_optimizer(self) -> None:
         t = self.recipe.train
         alphas = [p for n, p in self.params.items() if n.endswith(".alpha")]
-        others = [p for n, p in self.params.items() if not n.endswith(".alpha")]
-        groups = [{"params": others}, {"params": alphas, "lr": t.lr * t.alpha_lr_mult, "weight_decay": 0.0}]
+        gates = [p for n, p in self.params.items() if ".eta_proj." in n]
+        others = [p for n, p in self.params.items() if not n.endswith(".alpha") and ".eta_proj." not in n]
+        groups = [{"params": others}, {"params": alphas, "lr": t.lr * t.alpha_lr_mult, "weight_decay": 0.0},
+                  {"params": gates, "lr": t.lr * t.eta_lr_mult}]
         self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         # not prepared: accelerate would step it once per process, and not on a skipped step
         self.scheduler = lr_schedule(self.optimizer, t)

@@ -3,7 +3,7 @@
 Per chunk i (spec 1.3), all memories (N = batch x heads) at once:
 
     O_i = f_W~(Q_i)                                   read with the pristine weights
-    W-  = rownorm(W~) * n0                            internal normalisation, after the read
+    W-  = rownorm(W~) * n0                            internal normalisation, after the read (none if n0 is None)
     G   = clip(grad_W sum_{t in i} eta_t l(f_W(k_t), v_t) at W-)
     M   = beta_i M + G
     W~  = W- - M                                      write
@@ -44,7 +44,7 @@ def ttt_update(
     v: torch.Tensor,
     eta: torch.Tensor,
     beta: torch.Tensor,
-    reference_norms: FastWeights,
+    reference_norms: FastWeights | None,
     *,
     loss: str = "mse",
     clip: float | None = 1.0,
@@ -59,7 +59,8 @@ def ttt_update(
         k, v: [N, C, d] keys and values of the chunk.
         eta: [N, C] token-wise learning rates.
         beta: [N] momentum coefficient of the chunk.
-        reference_norms: row norms n0 of the initial weights, [N or 1, rows, 1] per matrix.
+        reference_norms: row norms n0 of the initial weights, [N or 1, rows, 1] per matrix; None
+            skips the weight norm (the write lands on the weights as they are).
         apply: optional [N] bool; where false the state is returned unchanged.
         residual: False trains f_W(z) = W2(silu(W1 z) * W3 z), the network without its skip.
     """
@@ -102,7 +103,7 @@ def _stacked_update(w, m, k, out_base, eta, beta, n0, *, loss, clip, eps, apply)
     normalise / clip / momentum step is one op for all three matrices, and the loss
     gradient folds its additions into fused matmuls. ``out_base`` is k - v (mse) or -v (dot)."""
     width = w.shape[2]
-    w_n = w / (w.norm(dim=-1, keepdim=True) + eps) * n0
+    w_n = w if n0 is None else w / (w.norm(dim=-1, keepdim=True) + eps) * n0
     pre = k @ torch.cat([w_n[0], w_n[2]], dim=1).mT  # [N, C, 2F]
     pre_gate, pre_up = pre[..., :width], pre[..., width:]
     gate_sig = torch.sigmoid(pre_gate)
@@ -131,7 +132,7 @@ def chunk_ttt(
     eta: torch.Tensor,
     beta: torch.Tensor,
     initial_state: TTTState,
-    reference_norms: FastWeights,
+    reference_norms: FastWeights | None,
     *,
     chunk_size: int,
     loss: str = "mse",
@@ -147,7 +148,7 @@ def chunk_ttt(
         eta: [N, L] token-wise learning rates (0 where a token must not write).
         beta: [N, ceil(L / chunk_size)] momentum coefficient of each chunk.
         initial_state: state before the first token.
-        reference_norms: n0, row norms of the initial weights.
+        reference_norms: n0, row norms of the initial weights; None: no weight norm.
         update_mask: [N, ceil(L / chunk_size)] bool, whether each chunk writes; by default
             every full chunk writes and a partial last chunk does not (it is buffered).
         residual: True (the spec) reads and trains f_W(z) = z + W2 h(z); False reads and
@@ -206,7 +207,8 @@ def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chun
     length = q.shape[1]
     w = torch.stack(initial_state.weights)
     m = torch.stack(initial_state.momentum)
-    n0 = torch.stack([r.expand_as(reference_norms[0]) for r in reference_norms]).expand(3, q.shape[0], -1, -1)
+    n0 = None if reference_norms is None else \
+        torch.stack([r.expand_as(reference_norms[0]) for r in reference_norms]).expand(3, q.shape[0], -1, -1)
     out_base = k - v if loss == "mse" else -v  # once for the whole sequence
     outputs = []
     for i in range(-(-length // chunk_size)):

@@ -75,8 +75,11 @@ def row_norms(weights: FastWeights) -> FastWeights:
     return FastWeights(*(w.norm(dim=-1, keepdim=True) for w in weights))
 
 
-def renormalise(weights: FastWeights, reference_norms: FastWeights, eps: float) -> FastWeights:
-    """Rescale every row of each matrix to the reference row norm (the paper's weight norm)."""
+def renormalise(weights: FastWeights, reference_norms: FastWeights | None, eps: float) -> FastWeights:
+    """Rescale every row of each matrix to the reference row norm (the paper's weight norm);
+    ``reference_norms`` None leaves the weights as they are (no weight norm)."""
+    if reference_norms is None:
+        return weights
     return FastWeights(
         *(w / (w.norm(dim=-1, keepdim=True) + eps) * n for w, n in zip(weights, reference_norms))
     )

@@ -27,7 +27,7 @@ def naive_ttt(
     eta: torch.Tensor,
     beta: torch.Tensor,
     initial_state: TTTState,
-    reference_norms: FastWeights,
+    reference_norms: FastWeights | None,
     *,
     chunk_size: int,
     loss: str = "mse",
@@ -37,7 +37,8 @@ def naive_ttt(
     residual: bool = True,
 ) -> tuple[torch.Tensor, TTTState]:
     """Same call as ``chunk_ttt``: q, k, v [N, L, d]; eta [N, L]; beta [N, num_chunks];
-    initial_state fast weights and momentum, each matrix [N, ., .]; reference_norms n0;
+    initial_state fast weights and momentum, each matrix [N, ., .]; reference_norms n0 (None: no
+    weight norm, every chunk writes on the weights as they are);
     update_mask [N, num_chunks] or None. Only full chunks write (a partial last chunk is
     buffered). residual=False reads and trains W2 h(z) alone (no skip).
 
@@ -54,9 +55,12 @@ def naive_ttt(
             continue
         chunk = t // chunk_size
         normalised = []
-        for w, ref in zip(weights, reference_norms):
-            row_norm = torch.sqrt((w * w).sum(dim=-1, keepdim=True))
-            w_bar = w / (row_norm + eps) * ref
+        for i, w in enumerate(weights):
+            if reference_norms is None:
+                w_bar = w
+            else:
+                row_norm = torch.sqrt((w * w).sum(dim=-1, keepdim=True))
+                w_bar = w / (row_norm + eps) * reference_norms[i]
             # a constant state still needs a graph for autograd to differentiate the inner loss
             normalised.append(w_bar if w_bar.requires_grad else w_bar.detach().requires_grad_())
         total = 0.0
