@@ -360,3 +360,10 @@ def test_eta_heads_get_their_own_learning_rate_and_older_checkpoints_say_why_the
         DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path / "b"), resume=True, progress=False).setup()
     with pytest.raises(allmem.ConfigError, match="eta_lr_mult"):
         tiny_recipe(tiny_smollm_dir, tmp_path / "c", **{"train.eta_lr_mult": -1})
+
+
+def test_a_fresh_centred_memory_is_calibrated_on_the_training_data(tiny_smollm_dir, tmp_path):
+    trainer = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path, **{"allmem.centre": "true"}), progress=False).setup()
+    means = [layer.self_attn.memory.feature_mean for layer in trainer._unwrapped.model.layers]
+    assert all(m.abs().max() > 1e-3 for m in means)
+    assert all(trainer.params[n] is p for n, p in trainer._unwrapped.named_parameters() if n.endswith("feature_mean"))

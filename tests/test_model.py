@@ -369,3 +369,64 @@ def test_adapter_saved_in_bfloat16_loads_into_a_float32_model(tmp_path):
     for name, p in rebuilt.memory_parameters().items():
         assert p.dtype == torch.float32
         assert torch.equal(p, model.memory_parameters()[name].detach().to(torch.bfloat16).float()), name
+
+
+def _conv_reference(memory, x: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise conv of [q | k | v] for x [1, T, d], by explicit loops (no shared code)."""
+    projected = torch.cat([x[0] @ w.T for w in (memory.q_proj.weight, memory.k_proj.weight, memory.v_proj.weight)], -1)
+    kernel = memory.conv_weight.shape[1]
+    out = torch.zeros_like(projected)
+    for t in range(projected.shape[0]):
+        for tap in range(kernel):
+            source = t - (kernel - 1 - tap)
+            if source >= 0:
+                out[t] += memory.conv_weight[:, tap] * projected[source]
+    return out
+
+
+def test_centre_calibration_sets_the_feature_mean_and_centres_the_features():
+    """centre=True (ours): after calibrate_centre, every layer's feature_mean is the mean over the
+    calibration tokens of its raw features silu(conv) (explicit-loop reference), so the features the
+    memory uses there average to zero; at feature_mean = 0 the model is exactly the uncentred one."""
+    base = tiny_base("qwen3")
+    plain = copy.deepcopy(base)
+    model = randomise_memory(allmem.convert(base, allmem.AllMemConfig(window=8, sinks=2, chunk=4, centre=True))).eval()
+    reference = randomise_memory(allmem.convert(plain, allmem.AllMemConfig(window=8, sinks=2, chunk=4))).eval()
+    missing, _ = model.load_state_dict(reference.state_dict(), strict=False)  # same weights, feature_mean aside
+    assert {n.rsplit(".", 1)[-1] for n in missing} == {"feature_mean"}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.memory.feature_mean.zero_()
+    x = ids(1, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, use_cache=False).logits, reference(x, use_cache=False).logits)
+
+    inputs = {}  # each layer's input during the calibration pass
+    hooks = [layer.self_attn.memory.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0]))
+             for i, layer in enumerate(model.model.layers)]
+    assert allmem.calibrate_centre(model, [x]) == 30
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            memory = layer.self_attn.memory
+            conv = _conv_reference(memory, inputs[i])
+            torch.testing.assert_close(memory.feature_mean, torch.nn.functional.silu(conv).mean(0), rtol=1e-4, atol=1e-5)
+            assert memory.feature_mean.abs().max() > 1e-3
+            assert memory._features(conv).mean(0).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="centre=True"):
+        allmem.calibrate_centre(reference, [x])
+    with pytest.raises(allmem.ConfigError, match="centre"):
+        allmem.AllMemConfig(centre=True, memory_type="mamba2")
+
+
+def test_centred_memory_prefill_equals_segments_and_its_adapter_round_trips(tmp_path):
+    config = allmem.AllMemConfig(window=8, sinks=2, chunk=4, centre=True)
+    model = randomise_memory(allmem.convert(tiny_base("llama"), config)).eval()
+    allmem.calibrate_centre(model, [ids(1, 25)])
+    assert_segments_equal_one_prefill(model, [5, 1, 1, 1, 9, 1, 2])
+    model.save_pretrained(tmp_path / "adapter")
+    again = allmem.convert(tiny_base("llama"), config).eval()
+    again.load_memory_adapter(tmp_path / "adapter")
+    for a, b in zip(model.model.layers, again.model.layers):
+        torch.testing.assert_close(a.self_attn.memory.feature_mean, b.self_attn.memory.feature_mean)

@@ -294,3 +294,13 @@ def test_weight_norm_setting_reaches_the_model():
         with torch.no_grad():
             logits.append(model(ids(1, 24), use_cache=False).logits)
     assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+def test_no_weight_norm_without_a_clip_is_refused():
+    """Without both, SmolLM2's fast weights diverge to NaN within a few hundred tokens
+    (benchmarks/needle_retention.py): the config says so instead of producing NaN logits."""
+    import allmem
+
+    with pytest.raises(allmem.ConfigError, match="weight_norm=False needs clip"):
+        allmem.AllMemConfig(weight_norm=False, clip=None)
+    assert allmem.AllMemConfig(weight_norm=False, clip=1.0).clip == 1.0

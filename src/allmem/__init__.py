@@ -4,7 +4,7 @@ converted from any pretrained decoder-only LLM."""
 from .cache import AllMemCache
 from .config import AllMemConfig, ConfigError
 from .constants import DEFAULT_BASE
-from .convert import SUPPORTED_FAMILIES, UnsupportedModelError, convert, from_pretrained
+from .convert import SUPPORTED_FAMILIES, UnsupportedModelError, calibrate_centre, convert, from_pretrained
 from .modeling import AdapterMismatchError, AllMemForCausalLM, AllMemPretrainedConfig
 
 
@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "SUPPORTED_FAMILIES",
     "UnsupportedModelError",
+    "calibrate_centre",
     "convert",
     "from_pretrained",
     "load_base",

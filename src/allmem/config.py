@@ -77,11 +77,12 @@ class AllMemConfig:
     norm_eps: float = 1e-5
     weight_norm: bool = True
     """True (the spec): before every write each row of the fast weights is rescaled to its initial
-    norm. (ours) False writes on the weights as they are. With the weight norm, a skip-free read can
-    never grow to the values' size, so the inner loss never falls, every chunk writes at full
-    strength and a write is erased within a few hundred tokens: an untrained d_h-64 head keeps one
-    pair through 640 later writes 0-6 % of the time with the weight norm and 100 % without
-    (benchmarks/mqar_capacity.py --retention; docs/distill/recall/README.md)."""
+    norm. (ours) False writes on the weights as they are, so a skip-free read can grow to the values'
+    size and a stored pair stops being rewritten. On random keys and values that keeps more (16 pairs
+    read after 640 random writes: top-1 0.63 without, 0.19 with, at clip 1, base_lr 0.1, momentum
+    0.9; docs/distill/recall/retention/retention.md); on SmolLM2's own activations it does not
+    (benchmarks/needle_retention.py), and without the clip the fast weights diverge there within a few
+    hundred tokens, so False needs ``clip``."""
     read_residual: bool = True
     """(ours) True: f_W(z) = z + W2(silu(W1 z) * W3 z) as in the spec. False drops the skip "+ z"
     from the read and from the inner loss, so a read returns only what the chunks wrote."""
@@ -108,6 +109,14 @@ class AllMemConfig:
     all of the group's query heads attending to that token would (the memory's query is their mean,
     its value the attention's v_proj). The memory's output is then in the attention's own output
     space from step 0 and alpha alone decides how much of it to add. TTT memory with init=attention."""
+    centre: bool = False
+    """(ours) subtract a per-channel mean from the memory's q, k and v features (after the conv and
+    SiLU, before the norms): ``feature_mean``, a trainable [3 H d_h] vector of every layer, zero
+    until ``allmem.calibrate_centre`` sets it to the features' mean on some text (the distill
+    trainer does so for a fresh memory). SmolLM2's memory keys have mean pairwise cosine 0.6-0.9, so
+    every write also overwrites the shared direction of all earlier ones; centred, a needle's value
+    survives twice as long at a uniform write rate (benchmarks/needle_retention.py: cosine 0.14 vs
+    0.07 after 488 tokens; 0.55 vs 0.33 when the filler writes 100x less). TTT memory only."""
     swa_block: int | None = None
     """Query block of the blocked prefill; None = min(W, 128)."""
     memory_type: Literal["ttt", "mamba2"] = "ttt"
@@ -165,6 +174,11 @@ class AllMemConfig:
         need(_is_number(self.norm_eps) and self.norm_eps > 0, f"norm_eps must be a number > 0, got {self.norm_eps!r}")
         need(isinstance(self.read_residual, bool), f"read_residual must be True or False, got {self.read_residual!r}")
         need(isinstance(self.weight_norm, bool), f"weight_norm must be True or False, got {self.weight_norm!r}")
+        need(isinstance(self.centre, bool), f"centre must be True or False, got {self.centre!r}")
+        need(not self.centre or self.memory_type == "ttt", "centre=True is for the TTT memory (memory_type='ttt')")
+        need(self.weight_norm or self.clip is not None,
+             "weight_norm=False needs clip (a number): without both the fast weights can grow without bound "
+             "and the memory returns NaN")
         need(_is_number(self.qk_scale) and self.qk_scale > 0,
              f"qk_scale must be a positive number, got {self.qk_scale!r}")
         need(self.swa_block is None or (_is_int(self.swa_block) and 0 < self.swa_block <= MAX_TOKENS),

@@ -144,6 +144,49 @@ def convert(base: PreTrainedModel, config: AllMemConfig | None = None, *, base_n
     return model
 
 
+def calibrate_centre(model: AllMemForCausalLM, batches) -> int:
+    """Set every memory's ``feature_mean`` (AllMemConfig.centre, ours) to the mean of its q/k/v
+    features, silu(conv(projections)), over the real tokens of ``batches`` (input_ids [B, T], or
+    (input_ids, attention_mask) pairs). Returns the number of tokens averaged."""
+    if not model.allmem_config.centre:
+        raise ValueError("calibrate_centre needs a model converted with centre=True (it has no feature_mean)")
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+
+    def record(index):
+        def hook(memory, args):
+            x, seq_lens = args[0], args[1]
+            qkv = memory._qkv(x)
+            empty = torch.zeros(x.shape[0], memory.conv_kernel - 1, qkv.shape[-1], dtype=qkv.dtype, device=qkv.device)
+            qkv, _ = memory._conv(qkv, empty, seq_lens)
+            valid = torch.arange(x.shape[1], device=x.device)[None] < seq_lens[:, None]
+            features = torch.nn.functional.silu(qkv.double())[valid]  # [tokens, 3 H d_h]
+            sums[index] = sums.get(index, 0) + features.sum(0)
+            counts[index] = counts.get(index, 0) + features.shape[0]
+        return hook
+
+    layers = model.model.layers
+    hooks = [layer.self_attn.memory.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if len(counts) != len(layers) or not all(counts.values()):
+        raise ValueError("calibrate_centre saw no tokens: give it at least one non-empty batch")
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            mean = layer.self_attn.memory.feature_mean
+            mean.copy_((sums[i] / counts[i]).to(mean.dtype))
+    return counts[0]
+
+
 def from_pretrained(
     path: str | os.PathLike,
     *,

@@ -124,6 +124,8 @@ class AllMemMemory(nn.Module):
             conv[width : 2 * width, -1] = 0.0
             conv[width : 2 * width, -2] = 1.0
         self.conv_weight = nn.Parameter(conv)
+        # (ours, AllMemConfig.centre) the features' mean, subtracted before the norms; set by calibrate_centre
+        self.feature_mean = nn.Parameter(torch.zeros(3 * width)) if config.centre else None
         self.q_norm = RMSNorm(width)
         self.k_norm = RMSNorm(width)
         self.eta_proj = nn.Linear(hidden_size, heads)
@@ -200,7 +202,7 @@ class AllMemMemory(nn.Module):
         decode = length == 1 and not fresh and bool((seq_lens == 1).all())
         qkv = self._qkv(x)  # [B, T, 3 Hd]
         qkv, conv_state = self._conv(qkv, state.conv, seq_lens, one_each=decode)
-        q, k, v = F.silu(qkv).split(self.width, dim=-1)
+        q, k, v = self._features(qkv).split(self.width, dim=-1)
         q = self._heads(F.normalize(self._split(self.q_norm(q)), dim=-1))  # [B, H, T, d_h]
         k = self._heads(F.normalize(self._split(self.k_norm(k)), dim=-1))
         if config.qk_scale != 1.0:
@@ -226,6 +228,11 @@ class AllMemMemory(nn.Module):
         o = o.transpose(1, 2).reshape(batch, length, self.width)
         o = self.out_norm(o) * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(o), new_state
+
+    def _features(self, qkv: torch.Tensor) -> torch.Tensor:
+        """silu of the conv output [B, T, 3 H d_h], centred when the memory has a feature mean."""
+        features = F.silu(qkv)
+        return features if self.feature_mean is None else features - self.feature_mean.to(features.dtype)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(*t.shape[:-1], self.heads, self.head_dim)

@@ -111,6 +111,7 @@ class DistillTrainer:
         self._setup_accelerator()
         self._setup_model()
         self._setup_data()
+        self._calibrate_centre()
         self._setup_optimizer()
         self._maybe_resume()
         return self
@@ -145,6 +146,20 @@ class DistillTrainer:
         model.train()
         self.params = model.memory_parameters()
         self.model = model
+
+    CENTRE_SAMPLES = 8
+
+    def _calibrate_centre(self) -> None:
+        """A fresh memory with centre=True starts centred on the first training samples (a warm
+        start keeps the adapter's means)."""
+        if not self.model.allmem_config.centre or self.recipe.train.init_adapter:
+            return
+        from .. import calibrate_centre
+
+        device = next(self.model.parameters()).device
+        samples = self.train_samples[:self.CENTRE_SAMPLES]
+        tokens = calibrate_centre(self.model, (torch.tensor([s.input_ids], device=device) for s in samples))
+        log.info("centred the memory features on %d tokens of %d training samples", tokens, len(samples))
 
     def _setup_data(self) -> None:
         r = self.recipe
