@@ -12,15 +12,10 @@ sliding-window block manager are not used at all, so sinks are never dropped.
 Per forward the engine hands every ``MambaBase`` layer metadata (``LinearAttentionMetadata``,
 via the ``LINEAR`` mamba backend): ``query_start_loc`` (where each request's tokens lie in the
 flattened batch), ``seq_lens`` (tokens of the request after this step) and
-``state_indices_tensor`` (each request's state slot). From them:
-
-* rows with one new token and some history (decodes, and 1-token prefill chunks) are
-  gathered into one batch and run through the project's one-token path;
-* every other row (a prompt, or one chunk of a chunked prefill) runs alone through the
-  project's segment path (blocked SWA + chunked TTT), starting from a fresh state when the
-  row has seen nothing yet (the slot may hold a finished request's state: it is never read),
-  else from its slot;
-* the new state is written back to the slot.
+``state_indices_tensor`` (each request's state slot). From them ``batch_plan.plan_batch``
+(vLLM-free, unit-tested on its own) gathers the decodes into one batch for the project's
+one-token path and runs every prompt or prefill chunk alone through its segment path (blocked
+SWA + chunked TTT); the new state is written back to the slot.
 
 The math is the project's (``AllMemAttention.forward`` on a ``Segment``), so a request run
 in any batch and split into any prefill chunks gives what ``model.generate`` gives, up to
@@ -47,6 +42,7 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from ..config import AllMemConfig
 from ..layer import AllMemAttention, LayerState, Segment, WindowState
 from ..memory import MemoryState
+from .batch_plan import plan_batch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _INT_FIELDS = ("window.sink_pos", "window.ring_pos", "memory.fill")  # stored as float32 (exact < 2**24)
@@ -325,38 +321,26 @@ class AllMemForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         if metadata is None:
             return None
         meta = metadata[self._first_layer] if isinstance(metadata, dict) else metadata
-        starts = meta.query_start_loc.tolist()
-        seq_lens = meta.seq_lens.tolist()
-        slots = meta.state_indices_tensor.tolist()
         first_positions = positions[meta.query_start_loc[:-1].clamp(max=max(positions.shape[0] - 1, 0))].tolist()
+        plan = plan_batch(meta.query_start_loc.tolist(), meta.seq_lens.tolist(), meta.state_indices_tensor.tolist(),
+                          first_positions)
         cfg, rotary = self.allmem_config, self.model.rotary_emb
-        decode, groups, trace = [], [], []
-        for r in range(len(starts) - 1):
-            begin, end = starts[r], starts[r + 1]
-            length = end - begin
-            if length <= 0:
-                continue
-            seen = seq_lens[r] - length
-            if first_positions[r] != seen:
-                raise RuntimeError(f"request {r}: first position {first_positions[r]} but {seen} tokens seen")
-            trace.append([seen, length])
-            if length == 1 and seen > 0:
-                decode.append((begin, slots[r], seen))
-                continue
-            rows = _Rows(index=torch.arange(begin, end, device=device)[None],
-                         slots=torch.tensor([slots[r]], device=device),
-                         seen=torch.tensor([seen], device=device), fresh=seen == 0)
-            _rotate(cfg, rotary, rows, length, dtype)
-            groups.append(rows)
-        if decode:
-            rows = _Rows(index=torch.tensor([[d[0]] for d in decode], device=device),
-                         slots=torch.tensor([d[1] for d in decode], device=device),
-                         seen=torch.tensor([d[2] for d in decode], device=device), fresh=False)
+        groups = []
+        if plan.decodes:
+            rows = _Rows(index=torch.tensor([[d.begin] for d in plan.decodes], device=device),
+                         slots=torch.tensor([d.slot for d in plan.decodes], device=device),
+                         seen=torch.tensor([d.seen for d in plan.decodes], device=device), fresh=False)
             _rotate(cfg, rotary, rows, 1, dtype)
-            groups.insert(0, rows)
+            groups.append(rows)
+        for run in plan.prefills:
+            rows = _Rows(index=torch.arange(run.begin, run.end, device=device)[None],
+                         slots=torch.tensor([run.slot], device=device),
+                         seen=torch.tensor([run.seen], device=device), fresh=run.fresh)
+            _rotate(cfg, rotary, rows, run.end - run.begin, dtype)
+            groups.append(rows)
         if os.environ.get(TRACE_ENV_VAR):
             with open(os.environ[TRACE_ENV_VAR], "a") as f:
-                f.write(json.dumps(trace) + "\n")
+                f.write(json.dumps(plan.trace()) + "\n")
         return groups
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
