@@ -64,6 +64,11 @@ def main() -> int:
         _, unexpected = model.load_state_dict(load_file(args.weights), strict=False)
         if unexpected:
             raise SystemExit(f"error: {args.weights} has tensors this model lacks: {unexpected[:3]}")
+    elif model.allmem_config.centre:  # a fresh centred memory: its means from a training-split prompt
+        from allmem import calibrate_centre
+
+        calibration = make_example("passkey", tok, args.length, random.Random(11), split="train")
+        calibrate_centre(model, [torch.tensor([tok(calibration.prompt).input_ids])])
     inputs, reads = {}, {}
     for i, layer in enumerate(model.model.layers):
         memory = layer.self_attn.memory
@@ -76,6 +81,7 @@ def main() -> int:
     ranks: dict[int, list[torch.Tensor]] = {}
     read_ranks: dict[int, list[torch.Tensor]] = {}
     agreements: dict[int, list[torch.Tensor]] = {}
+    gate_ratios: dict[int, list[torch.Tensor]] = {}
     cosines: dict[int, list[float]] = {}
     for _ in range(args.prompts):
         ex = make_example("passkey", tok, args.length, rng, split="heldout")
@@ -101,6 +107,14 @@ def main() -> int:
             _, _, counter_v = projections(memory, counter_inputs[layer])
             read_change = memory._split(reads[layer] - counter_reads[layer])[0].transpose(0, 1)  # [H, T, d_h]
             value_change = v - counter_v
+            # the write gate: eta on the needle's tokens over eta on the other old tokens, per head
+            eta = F.softplus(memory.eta_proj(x[0])).T  # [H, T]
+            on_needle = torch.zeros(eta.shape[1], dtype=torch.bool)
+            on_needle[needle:needle + len(answer)] = True
+            on_needle[old:] = False
+            filler = ~on_needle
+            filler[old:] = False
+            gate_ratios.setdefault(layer, []).append(eta[:, on_needle].mean(1) / eta[:, filler].mean(1))
             keys = k[:, :old]
             gram = keys @ keys.transpose(1, 2)
             n = gram.shape[-1]
@@ -120,19 +134,25 @@ def main() -> int:
              "Read rank: rank of the needle's value among the same old values by cosine with what the fast weights "
              "actually return there (out_norm's input). Change agreement: cosine between how the read at the answer "
              "changes and how the needle's value changes when the needle's digits d become (d + 5) % 10 (the "
-             "specific information the memory carries; 1 = the read moves exactly with the fact, 0 = not at all).", "",
+             "specific information the memory carries; 1 = the read moves exactly with the fact, 0 = not at all). "
+             "Gate ratio: mean eta on the needle's tokens / on the other old tokens (1 = the write gate does not "
+             "single the fact out).", "",
              "| layer | mean key cosine | median key rank per head | share of key rank 1 (best head) "
-             "| median read rank per head | mean change agreement per head |", "|---:|---:|---|---:|---|---|"]
+             "| median read rank per head | mean change agreement per head | gate ratio per head |",
+             "|---:|---:|---|---:|---|---|---|"]
     for layer in sorted(ranks):
         r = torch.stack(ranks[layer]).float()
         rr = torch.stack(read_ranks[layer]).float()
         lines.append(f"| {layer} | {sum(cosines[layer]) / len(cosines[layer]):.3f} | "
                      f"{[int(v) for v in r.median(0).values]} | {float((r == 1).float().mean(0).max()):.2f} | "
                      f"{[int(v) for v in rr.median(0).values]} | "
-                     f"{[round(float(a), 2) for a in torch.stack(agreements[layer]).mean(0)]} |")
+                     f"{[round(float(a), 2) for a in torch.stack(agreements[layer]).mean(0)]} | "
+                     f"{[round(float(g), 2) for g in torch.stack(gate_ratios[layer]).mean(0)]} |")
     every = torch.stack([torch.stack(a).mean(0) for a in agreements.values()])  # [layers, H]
+    ratios = torch.stack([torch.stack(g).mean(0) for g in gate_ratios.values()])
     lines += ["", f"mean change agreement over all {every.numel()} heads: {float(every.mean()):.3f} "
-              f"(best head {float(every.max()):.2f}; heads above 0.3: {int((every > 0.3).sum())})"]
+              f"(best head {float(every.max()):.2f}; heads above 0.3: {int((every > 0.3).sum())}); "
+              f"gate ratio: median {float(ratios.median()):.2f}, max {float(ratios.max()):.2f}"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -56,6 +56,8 @@ def probe(*, residual=True, qk_scale=1.0, base_lr=0.1, clip=1.0, chunk=32, expan
         return o[:, start:start + pairs]
 
     read, untouched = run(1.0), run(0.0)
+    if not torch.isfinite(read).all():  # the fast weights diverged (no weight norm and no clip can)
+        return {"top1": float("nan"), "cos": float("nan"), "write_share": float("nan")}
     values = v[:, :pairs]
     sims = F.normalize(read, dim=-1) @ F.normalize(values, dim=-1).mT  # [n, P, P]
     return {
@@ -92,8 +94,8 @@ def retention(out: Path, fillers: list[int], grid: str) -> None:
     factors, rest = RETENTION_GRIDS[grid]
     lines = ["# Retention of an untrained skip-free memory head (benchmarks/mqar_capacity.py --retention)", "",
              "16 key -> value writes, G filler writes, then the 16 keys read one chunk later; top-1 = the read is "
-             "nearest its own value among the 16 (chance 0.0625). read_residual=False, d_h 64, chunk 32, e 1, mse, "
-             f"{rest}.", "", "| " + " | ".join(factors) + " | " + " | ".join(f"top-1 G={g}" for g in fillers) + " |",
+             "nearest its own value among the 16 (chance 0.0625; nan = the fast weights diverged). read_residual=False, "
+             f"d_h 64, chunk 32, e 1, mse, {rest}.", "", "| " + " | ".join(factors) + " | " + " | ".join(f"top-1 G={g}" for g in fillers) + " |",
              "|---" * (len(factors) + len(fillers)) + "|"]
     for values in itertools.product(*factors.values()):
         setting = dict(zip(factors, values))
