@@ -116,7 +116,7 @@ class AllMemConfig:
     trainer does so for a fresh memory). SmolLM2's memory keys have mean pairwise cosine 0.6-0.9, so
     every write also overwrites the shared direction of all earlier ones; centred, a needle's value
     survives twice as long at a uniform write rate (benchmarks/needle_retention.py: cosine 0.14 vs
-    0.07 after 488 tokens; 0.55 vs 0.33 when the filler writes 100x less). TTT memory only."""
+    0.07 after 488 tokens; 0.57 vs 0.33 when the filler writes 100x less). TTT memory only."""
     swa_block: int | None = None
     """Query block of the blocked prefill; None = min(W, 128)."""
     memory_type: Literal["ttt", "mamba2"] = "ttt"
