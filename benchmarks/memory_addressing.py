@@ -32,7 +32,7 @@ def projections(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     qkv = memory._qkv(x)
     conv_state = torch.zeros(1, memory.conv_kernel - 1, qkv.shape[-1], dtype=qkv.dtype)
     qkv, _ = memory._conv(qkv, conv_state, torch.tensor([x.shape[1]]))
-    q, k, v = F.silu(qkv).split(memory.width, dim=-1)
+    q, k, v = memory._features(qkv).split(memory.width, dim=-1)  # SiLU, centred where the memory is
     q = F.normalize(memory._split(memory.q_norm(q)), dim=-1)[0].transpose(0, 1)
     k = F.normalize(memory._split(memory.k_norm(k)), dim=-1)[0].transpose(0, 1)
     return q, k, memory._split(v)[0].transpose(0, 1)
