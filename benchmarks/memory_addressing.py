@@ -26,13 +26,34 @@ RECALL_SETTINGS = ["allmem.read_residual=false", "allmem.qk_scale=1.0", "allmem.
                    "allmem.conv_init=key_shift", "allmem.window=64", "allmem.chunk=32"]
 
 
-def projections(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The memory's normalised q, k and its values v [H, T, d_h] for one sequence x [1, T, d] (conv from
-    an empty state)."""
+def features(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory's q, k, v features [1, T, H * d_h] (SiLU of the conv from an empty state, centred where
+    the memory is) for one sequence x [1, T, d]."""
     qkv = memory._qkv(x)
     conv_state = torch.zeros(1, memory.conv_kernel - 1, qkv.shape[-1], dtype=qkv.dtype)
     qkv, _ = memory._conv(qkv, conv_state, torch.tensor([x.shape[1]]))
-    q, k, v = memory._features(qkv).split(memory.width, dim=-1)  # SiLU, centred where the memory is
+    return memory._features(qkv).split(memory.width, dim=-1)
+
+
+def passkey_pair(tok, length: int, rng: random.Random) -> tuple[list[int], list[int], int, list[int]]:
+    """A held-out passkey prompt (chat template applied), its answer's tokens, where the needle starts,
+    and the counterfactual prompt: the same with every needle digit d replaced by (d + 5) % 10."""
+    from allmem.distill.tasks import make_example
+
+    ex = make_example("passkey", tok, length, rng, split="heldout")
+    prompt = tok.apply_chat_template([{"role": "user", "content": ex.prompt}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]
+    answer = tok(ex.answer.strip().rstrip("."), add_special_tokens=False).input_ids
+    needle = next(p for p in range(len(prompt)) if prompt[p:p + len(answer)] == answer)
+    counter = list(prompt)
+    counter[needle:needle + len(answer)] = [tok.convert_tokens_to_ids(str((int(tok.decode([t])) + 5) % 10))
+                                            for t in answer]
+    return list(prompt), answer, needle, counter
+
+
+def projections(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory's normalised q, k and its values v [H, T, d_h] for one sequence x [1, T, d]."""
+    q, k, v = features(memory, x)
     q = F.normalize(memory._split(memory.q_norm(q)), dim=-1)[0].transpose(0, 1)
     k = F.normalize(memory._split(memory.k_norm(k)), dim=-1)[0].transpose(0, 1)
     return q, k, memory._split(v)[0].transpose(0, 1)
@@ -84,19 +105,11 @@ def main() -> int:
     gate_ratios: dict[int, list[torch.Tensor]] = {}
     cosines: dict[int, list[float]] = {}
     for _ in range(args.prompts):
-        ex = make_example("passkey", tok, args.length, rng, split="heldout")
-        prompt = tok.apply_chat_template([{"role": "user", "content": ex.prompt}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]
-        answer = tok(ex.answer.strip().rstrip("."), add_special_tokens=False).input_ids
-        needle = next(p for p in range(len(prompt)) if prompt[p:p + len(answer)] == answer)
-        # the counterfactual: the same prompt with every needle digit d replaced by (d + 5) % 10
-        other = [tok.convert_tokens_to_ids(str((int(tok.decode([t])) + 5) % 10)) for t in answer]
-        counter = list(prompt)
-        counter[needle:needle + len(answer)] = other
+        prompt, answer, needle, counter = passkey_pair(tok, args.length, rng)
         with torch.no_grad():
             model(torch.tensor([counter + answer]), use_cache=False)
             counter_inputs, counter_reads = dict(inputs), dict(reads)
-            model(torch.tensor([list(prompt) + answer]), use_cache=False)
+            model(torch.tensor([prompt + answer]), use_cache=False)
         old = len(prompt) - window  # keys the window no longer covers
         for layer, x in inputs.items():
             memory = model.model.layers[layer].self_attn.memory

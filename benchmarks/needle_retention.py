@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-RECALL_SETTINGS = ["allmem.read_residual=false", "allmem.qk_scale=1.0", "allmem.base_lr=0.1", "allmem.momentum_init=0.9",
-                   "allmem.conv_init=key_shift", "allmem.window=64", "allmem.chunk=32", "allmem.key_init=query"]
+from memory_addressing import RECALL_SETTINGS, features, passkey_pair  # the same prompts and features
+
 SETTINGS = {  # name -> (filler eta factor, centred, clip, weight norm)
     "uniform eta 0.1 (the recipe)": (1.0, False, 1.0, True),
     "uniform, no clip": (1.0, False, None, True),
@@ -43,39 +43,21 @@ PROBE_EVERY = 64
 
 def capture(model, tok, prompts: int, length: int) -> list[dict]:
     """Per prompt: the memory inputs [1, T, d] of every layer for the prompt and its counterfactual."""
-    from allmem.distill.tasks import make_example
-
     inputs: dict[int, torch.Tensor] = {}
     hooks = [layer.self_attn.memory.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
              for i, layer in enumerate(model.model.layers)]
     rng, records = random.Random(7), []
     for _ in range(prompts):
-        ex = make_example("passkey", tok, length, rng, split="heldout")
-        prompt = tok.apply_chat_template([{"role": "user", "content": ex.prompt}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]
-        answer = tok(ex.answer.strip().rstrip("."), add_special_tokens=False).input_ids
-        needle = next(p for p in range(len(prompt)) if prompt[p:p + len(answer)] == answer)
-        counter = list(prompt)
-        counter[needle:needle + len(answer)] = [tok.convert_tokens_to_ids(str((int(tok.decode([t])) + 5) % 10))
-                                                for t in answer]
+        prompt, answer, needle, counter = passkey_pair(tok, length, rng)
         record = {"needle": needle, "needle_len": len(answer), "prompt_len": len(prompt)}
         with torch.no_grad():
             for name, ids in (("fact", prompt), ("counter", counter)):
-                model(torch.tensor([list(ids)]), use_cache=False)
+                model(torch.tensor([ids]), use_cache=False)
                 record[name] = dict(inputs)
         records.append(record)
     for hook in hooks:
         hook.remove()
     return records
-
-
-def features(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """silu(conv([q | k | v])) of one sequence x [1, T, d] from an empty conv state, each [T, H * d_h]."""
-    with torch.no_grad():
-        qkv = memory._qkv(x)
-        qkv, _ = memory._conv(qkv, torch.zeros(1, memory.conv_kernel - 1, qkv.shape[-1]), torch.tensor([x.shape[1]]))
-        q, k, v = F.silu(qkv[0]).split(memory.width, dim=-1)
-    return q, k, v
 
 
 def retention(memory, record: dict, layer: int, filler: float, centred: bool, clip, weight_norm: bool, base_lr: float,
@@ -87,15 +69,16 @@ def retention(memory, record: dict, layer: int, filler: float, centred: bool, cl
     heads = lambda t: memory._split(t).transpose(0, 1)  # noqa: E731  [T, H d] -> [H, T, d]
     q_mean = k_mean = v_mean = 0.0
     if centred:  # the fact's prompt means, the same shift for both runs
-        _, k_fact, v_fact = features(memory, record["fact"][layer])
+        with torch.no_grad():
+            _, k_fact, v_fact = (f[0] for f in features(memory, record["fact"][layer]))
         k_mean, v_mean = k_fact.mean(0), v_fact.mean(0)
         q_mean = k_mean
     ages = list(range(40, prompt_len - needle, PROBE_EVERY))
     probes = [needle + a for a in ages]
     reads, values, oracle = {}, {}, None
     for name in ("fact", "counter"):
-        q, k, v = features(memory, record[name][layer])
         with torch.no_grad():
+            q, k, v = (f[0] for f in features(memory, record[name][layer]))
             q = F.normalize(heads(memory.q_norm(q - q_mean)), dim=-1)
             k = F.normalize(heads(memory.k_norm(k - k_mean)), dim=-1)
         v = heads(v - v_mean)
@@ -130,7 +113,7 @@ def main() -> int:
     from allmem.distill.recipe import load_recipe
 
     torch.set_num_threads(1)
-    recipe = load_recipe("smollm2-recall", RECALL_SETTINGS)
+    recipe = load_recipe("smollm2-recall", [*RECALL_SETTINGS, "allmem.key_init=query"])
     config = recipe.allmem_config()
     base, tok = load_base(recipe.base, dtype=torch.float32)
     model = convert(base, config, base_name=recipe.base).eval()
