@@ -51,3 +51,16 @@ def test_decoding_options_are_checked_by_the_parser(option, capsys):
         main(["generate", "--prompt-file", "-", *option])
     assert done.value.code == 2
     assert f"error: argument {option[0]}: expected" in capsys.readouterr().err
+
+
+def test_each_demo_plan_writes_its_own_folder_so_quick_then_default_runs(monkeypatch):
+    """Regression: `make demo ARGS=--quick` then `make demo` failed with a traceback, because both
+    wrote out/demo and the perplexity run refuses predictions made with other settings."""
+    import allmem.demo
+
+    seen = []
+    monkeypatch.setattr(allmem.demo, "run_demo", lambda model, out, plan, **kw: seen.append((plan, str(out))))
+    for args in (["demo", "--quick"], ["demo"], ["demo", "--full"], ["demo", "--quick", "--out", "elsewhere"]):
+        assert main(args) == 0
+    assert seen == [("quick", "out/demo-quick"), ("default", "out/demo"), ("full", "out/demo-full"),
+                    ("quick", "elsewhere")]

@@ -177,7 +177,9 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.model, args.out, args.plan, window=args.window, sinks=args.sinks, segment=args.segment,
+    # each plan its own folder: the evaluations resume from theirs and refuse another plan's settings
+    out = args.out or ("out/demo" if args.plan == "default" else f"out/demo-{args.plan}")
+    run_demo(args.model, out, args.plan, window=args.window, sinks=args.sinks, segment=args.segment,
              progress=not args.quiet)
     return 0
 
@@ -507,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--full", action="store_const", const="full", dest="plan",
                       help="all 49 essays (154k tokens), ppl to 32k, more passkey depths, NIAH (about an hour)")
     p.set_defaults(plan="default")
-    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default out/demo; out/demo-quick with --quick, out/demo-full with --full)")
     p.add_argument("--window", type=_positive_int, default=256, help="sliding window W (default 256)")
     p.add_argument("--sinks", type=_non_negative_int, default=4, help="sink tokens S (default 4)")
     p.add_argument("--segment", type=_positive_int, default=1024, help="tokens per forward while streaming")
