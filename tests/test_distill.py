@@ -367,3 +367,72 @@ def test_a_fresh_centred_memory_is_calibrated_on_the_training_data(tiny_smollm_d
     means = [layer.self_attn.memory.feature_mean for layer in trainer._unwrapped.model.layers]
     assert all(m.abs().max() > 1e-3 for m in means)
     assert all(trainer.params[n] is p for n, p in trainer._unwrapped.named_parameters() if n.endswith("feature_mean"))
+
+
+def naive_gate_loss(eta_logits, write_mask, context_mask, target_ratio):
+    """write_gate_loss one row, layer and head at a time, in float64."""
+    terms, logs = [], []
+    for logits in eta_logits:
+        for b in range(logits.shape[0]):
+            needle = [t for t in range(logits.shape[1]) if write_mask[b, t] and context_mask[b, t]]
+            rest = [t for t in range(logits.shape[1]) if not write_mask[b, t] and context_mask[b, t]]
+            if not needle or not rest:
+                continue
+            for h in range(logits.shape[2]):
+                eta = [math.log1p(math.exp(logits[b, t, h].item())) for t in range(logits.shape[1])]
+                ratio = (sum(eta[t] for t in needle) / len(needle)) / (sum(eta[t] for t in rest) / len(rest))
+                terms.append(math.log1p(math.exp(math.log(target_ratio) - math.log(ratio))))
+                logs.append(math.log10(ratio))
+    return sum(terms) / len(terms), logs
+
+
+def test_write_gate_loss_matches_a_per_head_loop_and_trains_only_the_logits():
+    from allmem.distill.losses import write_gate_loss
+
+    torch.manual_seed(0)
+    logits = [torch.randn(3, 20, 2, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    write_mask = torch.zeros(3, 20, dtype=torch.bool)
+    write_mask[0, 4:7] = True
+    write_mask[1, 15:17] = True  # row 2 has no needle: it takes no part
+    context_mask = torch.ones(3, 20, dtype=torch.bool)
+    context_mask[:, 16:] = False  # the response: neither needle nor filler (row 1 keeps one needle token)
+    loss, log10 = write_gate_loss(logits, write_mask, context_mask, 100.0)
+    expected, expected_logs = naive_gate_loss(logits, write_mask, context_mask, 100.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert sorted(log10.tolist()) == pytest.approx(sorted(expected_logs), rel=1e-9)
+    loss.backward()
+    assert all(bool(l.grad[2].eq(0).all()) for l in logits)  # the needle-free row gets no gradient
+    # a uniform gate: ratio 1, loss log(1 + target)
+    flat, ratios = write_gate_loss([torch.zeros(1, 8, 3)], write_mask[:1, :8], torch.ones(1, 8, dtype=torch.bool), 100.0)
+    assert float(flat) == pytest.approx(math.log(101.0)) and ratios.abs().max() < 1e-6
+
+
+def test_recall_samples_mark_where_the_answer_sits_in_the_context():
+    from allmem.distill.data import answer_in_context, task_samples
+
+    _, tok = allmem.load_base("smollm2")
+    # passkey's needle states the key twice; kv_retrieval's value once; niah_multivalue's three values once each
+    for task, copies in (("passkey", 2), ("kv_retrieval", 1), ("niah_multivalue", 1)):
+        (sample,) = task_samples(tok, 1, (300, 400), seed=3, split="train", tasks=(task,))
+        marked = [i for i, m in enumerate(sample.write_mask) if m]
+        response = [i for i, m in enumerate(sample.loss_mask) if m]
+        answer = tok.decode(sample.input_ids[response[0]:response[-1] + 1]).split(".<|im_end|>")[0]
+        assert marked and max(marked) < response[0]
+        assert sorted(tok.decode([sample.input_ids[i] for i in marked]).split()) == sorted(answer.split(", ") * copies)
+    # an answer the context does not spell out marks nothing; a copy inside the response does not count
+    sample = chat_sample(tok, [{"role": "user", "content": "Say a number."}, {"role": "assistant", "content": "4711"}], 64)
+    assert answer_in_context(tok, sample, " 4711.") is None
+
+
+def test_the_write_gate_loss_makes_the_gates_single_out_the_needle(tiny_smollm_dir, tmp_path):
+    data = "[{source: tasks, count: 4, lengths: [200, 300], tasks: [passkey, kv_retrieval]}]"
+    ratios = {}
+    for name, weight in (("off", 0.0), ("on", 1.0)):
+        recipe = tiny_recipe(tiny_smollm_dir, tmp_path / name, steps=6, data=data, **{
+            "train.lambda_gate": weight, "train.eta_lr_mult": 10})
+        ratios[name] = [r.gate_log10_ratio for r in DistillTrainer(recipe, progress=False).setup().train()]
+    assert ratios["off"] == [None] * 6  # nothing measured, nothing added to the loss
+    assert ratios["on"][0] == pytest.approx(0.0, abs=1e-6)  # the heads start uniform
+    assert ratios["on"][-1] > 0.3  # the needle written > 2x more than the filler after 5 updates
+    with pytest.raises(allmem.ConfigError, match="gate_ratio"):
+        tiny_recipe(tiny_smollm_dir, tmp_path / "bad", **{"train.gate_ratio": 1.0})

@@ -25,6 +25,9 @@ class Sample:
     ce_weight: float | None = None
     """Weight of the cross-entropy term for this sample (None: the recipe's lambda_ce); a
     recall task's known answer makes CE a direct signal where the teacher is weak."""
+    write_mask: list[int] | None = None
+    """1 on the context tokens that carry the answer (a recall task's needle), 0 elsewhere; None
+    where nothing is known. The write-gate loss (``train.lambda_gate``, ours) reads it."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -149,8 +152,27 @@ def task_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, 
         length = rng.randint(*lengths)
         ex = make_example(task, tokenizer, length, rng, split=split)
         messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer.strip()}]
-        out.append(chat_sample(tokenizer, messages, length + 128, source=f"task/{task}"))
+        sample = chat_sample(tokenizer, messages, length + 128, source=f"task/{task}")
+        sample.write_mask = answer_in_context(tokenizer, sample, ex.answer)
+        out.append(sample)
     return out
+
+
+def answer_in_context(tokenizer, sample: Sample, answer: str) -> list[int] | None:
+    """A mask [T] of 1s on every place in the sample's context (the unscored tokens) where the
+    answer's tokens appear (each part of a comma-separated answer), with or without a leading
+    space; None if they appear nowhere (a tokenizer that merges them with their neighbours, or an
+    answer the context only implies)."""
+    parts = [part.strip() for part in answer.strip().rstrip(".").split(",") if part.strip()]
+    ids, mask = sample.input_ids, [0] * len(sample)
+    for text in (prefix + part for part in parts for prefix in ("", " ")):
+        needle = tokenizer(text, add_special_tokens=False).input_ids
+        n = len(needle)
+        for start in range(len(ids) - n + 1):
+            span = range(start, start + n)
+            if ids[start:start + n] == needle and not any(sample.loss_mask[i] for i in span):
+                mask[start:start + n] = [1] * n
+    return mask if any(mask) else None
 
 
 def document_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, split: str,

@@ -7,6 +7,7 @@ equals the unchunked one exactly (up to float summation order).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,3 +114,35 @@ def teacher_topk(teacher_hidden: torch.Tensor, lm_head: torch.nn.Module, loss_ma
     if not ids:
         return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k, dtype=torch.float16)
     return torch.cat(ids), torch.cat(logps)
+
+
+def write_gate_loss(eta_logits: list[torch.Tensor], write_mask: torch.Tensor, context_mask: torch.Tensor,
+                    target_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours) Teach the write gates to single out the tokens that carry a later answer.
+
+    eta_logits: per memory layer [B, T, H], the eta head's pre-softplus output; write_mask [B, T]
+    (bool) marks the tokens that carry the answer (a recall task's needle), context_mask [B, T]
+    (bool) every token that may be written (the prompt, not the padding nor the scored response).
+    Per row with a needle, layer and head, the gate ratio is mean eta on the needle over mean eta
+    on the rest of the context; the loss is softplus(log target_ratio - log ratio), averaged: about
+    log target_ratio for a uniform gate, -> 0 once the needle is written target_ratio times more than
+    the filler. The overall write rate stays free (a ratio), so the other losses set it.
+
+    Returns (loss, log10 of every ratio [rows * layers * H], detached).
+    """
+    needle = (write_mask & context_mask).float()
+    rest = (~write_mask & context_mask).float()
+    rows = (needle.sum(1) > 0) & (rest.sum(1) > 0)
+    if not bool(rows.any()):
+        zero = sum(e.sum() for e in eta_logits) * 0.0
+        return zero, torch.zeros(0)
+    needle, rest = needle[rows], rest[rows]
+    log_ratios = []
+    for logits in eta_logits:
+        eta = F.softplus(logits[rows].to(torch.promote_types(logits.dtype, torch.float32)))  # [R, T, H]
+        on_needle = (eta * needle[..., None]).sum(1) / needle.sum(1, keepdim=True)
+        on_rest = (eta * rest[..., None]).sum(1) / rest.sum(1, keepdim=True)
+        log_ratios.append(on_needle.log() - on_rest.log())  # [R, H]
+    log_ratio = torch.cat(log_ratios, dim=-1)
+    loss = F.softplus(math.log(target_ratio) - log_ratio).mean()
+    return loss, (log_ratio.detach() / math.log(10)).flatten()

@@ -25,7 +25,7 @@ from ..constants import torch_dtype
 from ..modeling import AllMemForCausalLM
 from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .data import DataError, Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
-from .losses import chunked_distill_loss, teacher_topk
+from .losses import chunked_distill_loss, teacher_topk, write_gate_loss
 from .recipe import Recipe, TrainSettings
 from .teacher_cache import TeacherCache
 
@@ -97,6 +97,9 @@ class StepResult:
     tokens: int
     skipped: bool = False
     """The loss or the gradient was not finite: no parameter moved."""
+    gate_log10_ratio: float | None = None
+    """Median over layers and heads of log10(mean eta on the needle / on the rest of the context),
+    for batches with a known needle while train.lambda_gate > 0 (0 = a uniform write gate)."""
 
 
 class DistillTrainer:
@@ -264,13 +267,42 @@ class DistillTrainer:
         else:
             teacher, topk = self._teacher_hidden(ids, attn), None
         model = model or self.model
-        with self.accelerator.autocast():
+        supervise_gate = t.lambda_gate > 0 and any(s.write_mask for s in samples)
+        with self.accelerator.autocast(), self._eta_logits(supervise_gate) as eta_logits:
             student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
         # per-source CE weight (recall tasks); a batch uses its samples' mean (exact with micro_batch 1)
         weights = [t.lambda_ce if s.ce_weight is None else s.ce_weight for s in samples]
         out = chunked_distill_loss(student, teacher, self._unwrapped.lm_head, ids, mask, lambda_kl=t.lambda_kl,
                                    lambda_ce=sum(weights) / len(weights), chunk=t.kl_chunk, teacher_topk=topk)
-        return out.loss, StepResult(float(out.loss.detach()), out.kl, out.ce, out.tokens)
+        loss, gate = out.loss, None
+        if supervise_gate:
+            write_mask = torch.zeros_like(attn, dtype=torch.bool)
+            for i, s in enumerate(samples):
+                if s.write_mask:
+                    write_mask[i, :len(s)] = torch.tensor(s.write_mask, dtype=torch.bool)
+            gate_loss, log_ratios = write_gate_loss(eta_logits, write_mask, attn.bool() & ~mask.bool(), t.gate_ratio)
+            loss = loss + t.lambda_gate * gate_loss
+            gate = float(log_ratios.median()) if log_ratios.numel() else None
+        return loss, StepResult(float(loss.detach()), out.kl, out.ce, out.tokens, gate_log10_ratio=gate)
+
+    @contextlib.contextmanager
+    def _eta_logits(self, capture: bool):
+        """Collect every memory's eta-head logits [B, T, H] during one forward, recomputed from the
+        head's detached input so that the write-gate loss trains only the heads themselves."""
+        collected: list[torch.Tensor] = []
+        if not capture:
+            yield collected
+            return
+
+        def record(module, args, output):
+            collected.append(torch.nn.functional.linear(args[0].detach(), module.weight, module.bias))
+
+        hooks = [layer.self_attn.memory.eta_proj.register_forward_hook(record) for layer in self._unwrapped.model.layers]
+        try:
+            yield collected
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def train_step(self) -> StepResult:
         t = self.recipe.train
@@ -287,7 +319,9 @@ class DistillTrainer:
                 loss, res = self.loss_on(batch)
                 self.accelerator.backward(loss / t.grad_accum)
             total = StepResult(total.loss + res.loss / t.grad_accum, total.kl + res.kl / t.grad_accum,
-                               total.ce + res.ce / t.grad_accum, total.tokens + sum(len(s) for s in batch))
+                               total.ce + res.ce / t.grad_accum, total.tokens + sum(len(s) for s in batch),
+                               gate_log10_ratio=res.gate_log10_ratio if res.gate_log10_ratio is not None
+                               else total.gate_log10_ratio)
             sources.update(s.source for s in batch)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         # one device sync for all gradients (not one per tensor)
@@ -431,7 +465,8 @@ class DistillTrainer:
             bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{rate:.0f}", **{k[0].upper(): v for k, v in self.last_runtime.items()})
             self._log({"step": self.step, "loss": res.loss, "kl": res.kl, "ce": res.ce, "tokens": res.tokens,
                        "source": self.last_sources, "skipped": res.skipped, "tok_s": rate,
-                       "lr": self.last_lr, "elapsed_s": elapsed, **self.last_runtime})
+                       "lr": self.last_lr, "elapsed_s": elapsed, **self.last_runtime,
+                       **({} if res.gate_log10_ratio is None else {"gate_log10_ratio": res.gate_log10_ratio})})
             self.bad_in_a_row = self.bad_in_a_row + 1 if res.skipped else 0
             if self.bad_in_a_row >= t.max_bad_steps:
                 bar.close()
