@@ -1,5 +1,7 @@
 """The command line, run in-process on the embedded model."""
 
+from pathlib import Path
+
 import pytest
 
 from allmem.cli import build_parser, main
@@ -64,3 +66,19 @@ def test_each_demo_plan_writes_its_own_folder_so_quick_then_default_runs(monkeyp
         assert main(args) == 0
     assert seen == [("quick", "out/demo-quick"), ("default", "out/demo"), ("full", "out/demo-full"),
                     ("quick", "elsewhere")]
+
+
+def test_a_demo_into_a_folder_of_other_settings_is_one_error_line_and_keeps_the_folder(monkeypatch, tmp_path, capsys):
+    """Regression: `allmem demo --out D`, with D holding another plan's perplexity predictions, ended
+    in a ValueError traceback (the perplexity step refuses to mix settings) instead of an error line."""
+    import allmem.demo
+    from allmem.eval.common import check_run_settings
+
+    check_run_settings(tmp_path / "ppl", {"length": 512})
+    before = (tmp_path / "ppl" / "run_settings.json").read_text()
+    monkeypatch.setattr(allmem.demo, "run_demo",
+                        lambda model, out, plan, **kw: check_run_settings(Path(out) / "ppl", {"length": 2048}))
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "other settings" in err and "Traceback" not in err
+    assert (tmp_path / "ppl" / "run_settings.json").read_text() == before

@@ -640,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     from .convert import UnsupportedModelError
     from .distill.checkpoint import CheckpointDamagedError, CheckpointMismatchError
     from .distill.data import DataError
+    from .eval.common import RunSettingsMismatchError
     from .loading import EmbeddedModelNotInstalledError, HubUnreachableError
     from .modeling import AdapterFileError, AdapterMismatchError
     from .serving.launch import ServeError
@@ -649,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CommandLineError, ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
             EmbeddedModelNotInstalledError, HubUnreachableError, DataError, SessionError, CacheFileError,
-            AdapterFileError, CheckpointMismatchError, CheckpointDamagedError, ServeError) as exc:
+            AdapterFileError, CheckpointMismatchError, CheckpointDamagedError, ServeError, RunSettingsMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

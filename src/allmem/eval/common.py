@@ -45,6 +45,10 @@ class DataFormatError(ValueError):
     """A benchmark or predictions file that does not have the official format."""
 
 
+class RunSettingsMismatchError(ValueError):
+    """An output folder holds predictions made with other settings (nothing was changed in it)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One benchmark record with where it came from, so errors and ids can point back to it."""
@@ -360,7 +364,7 @@ def check_run_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous != current:
-            raise ValueError(
+            raise RunSettingsMismatchError(
                 f"{out_dir} holds predictions made with other settings ({previous}); now "
                 f"{current}. Use another output folder or delete {path} and the predictions."
             )
