@@ -119,7 +119,11 @@ def test_batches_do_not_mix_samples():
 
 
 def tiny_recipe(model_dir, out, steps=4, **extra):
-    overrides = [
+    return load_recipe("smollm2-cpu", tiny_overrides(model_dir, out, steps, **extra))
+
+
+def tiny_overrides(model_dir, out, steps=4, **extra):
+    return [
         f"base={model_dir}", f"train.output_dir={out}", f"train.steps={steps}", "train.save_every=2",
         "train.eval_every=0", "train.warmup_steps=1", "train.lr=3e-3",
         "data=[{source: tasks, count: 6, lengths: [200, 300]}, {source: text, count: 3, lengths: [200, 300]}]",
@@ -127,7 +131,6 @@ def tiny_recipe(model_dir, out, steps=4, **extra):
         "randomize={window: [32, 64], sinks: [1, 4], chunk: [8, 32]}", "allmem.window=48", "allmem.chunk=16",
         *[f"{k}={v}" for k, v in extra.items()],
     ]
-    return load_recipe("smollm2-cpu", overrides)
 
 
 def previous_wsd_factor(step: int, steps: int, warmup: int, decay_fraction: float) -> float:
@@ -436,3 +439,25 @@ def test_the_write_gate_loss_makes_the_gates_single_out_the_needle(tiny_smollm_d
     assert ratios["on"][-1] > 0.3  # the needle written > 2x more than the filler after 5 updates
     with pytest.raises(allmem.ConfigError, match="gate_ratio"):
         tiny_recipe(tiny_smollm_dir, tmp_path / "bad", **{"train.gate_ratio": 1.0})
+
+
+def test_an_adapter_from_any_checkpoint_of_a_run_holds_that_steps_weights(tiny_smollm_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from allmem.cli import main
+
+    overrides = tiny_overrides(tiny_smollm_dir, tmp_path / "run", steps=4)
+    assert main(["adapter", "--recipe", "smollm2-cpu", *overrides]) == 2  # no checkpoint yet: one error line
+    assert capsys.readouterr().err.startswith("error: no checkpoint")
+    DistillTrainer(load_recipe("smollm2-cpu", overrides), progress=False).setup().train()
+    step2 = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert main(["adapter", "--recipe", "smollm2-cpu", "--checkpoint", str(step2), "--out", str(tmp_path / "a2"),
+                 *overrides]) == 0
+    assert main(["adapter", "--recipe", "smollm2-cpu", *overrides]) == 0  # the latest: step 4
+    trained = load_file(str(step2 / "trainable.safetensors"))
+    model = allmem.from_pretrained(str(tmp_path / "a2"))
+    assert all(torch.equal(p, trained[n]) for n, p in model.memory_parameters().items())
+    final = allmem.from_pretrained(str(tmp_path / "run" / "adapter")).memory_parameters()
+    latest = allmem.from_pretrained(str(tmp_path / "run" / "adapter-step-000004")).memory_parameters()
+    assert all(torch.equal(p, final[n]) for n, p in latest.items())
+    assert not all(torch.equal(p, final[n]) for n, p in model.memory_parameters().items())

@@ -1,4 +1,4 @@
-"""Command line: ``allmem convert | generate | chat | read | demo | distill | export | serve | ...``."""
+"""Command line: ``allmem convert | generate | chat | read | demo | distill | adapter | export | serve | ...``."""
 
 from __future__ import annotations
 
@@ -321,6 +321,26 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_adapter(args) -> int:
+    from . import convert, load_base
+    from .distill.checkpoint import latest_checkpoint, load_trained_weights
+    from .distill.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    runs = Path(recipe.train.output_dir) / "checkpoints"
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(runs)
+    if checkpoint is None or not checkpoint.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint or runs}: pass --checkpoint DIR (a step-NNNNNN folder) "
+                                "or the overrides of the run (train.output_dir=...)")
+    base, _ = load_base(recipe.base, dtype=torch_dtype(recipe.dtype))
+    model = convert(base, recipe.allmem_config(), base_name=recipe.base)
+    step = load_trained_weights(checkpoint, model.memory_parameters())
+    out = Path(args.out) if args.out else Path(recipe.train.output_dir) / f"adapter-{checkpoint.name}"
+    model.save_pretrained(out)
+    print(f"adapter of step {step} ({checkpoint}) -> {out}")
+    return 0
+
+
 def cmd_teacher_cache(args) -> int:
     from tqdm.auto import tqdm
 
@@ -555,6 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="recipe overrides such as train.steps=50 allmem.window=128")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("adapter", help="write an adapter from a training checkpoint of a distill run",
+                       description="Write the adapter (memory weights + config) of any checkpoint of a run, e.g. to "
+                                   "evaluate it while training goes on: `allmem eval ... --systems allmem:OUT`. Give "
+                                   "the recipe and overrides the run was started with.")
+    p.add_argument("--recipe", required=True, help="the run's recipe (built-in name or a YAML/TOML file)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a step-NNNNNN folder (default: the latest under the recipe's train.output_dir)")
+    p.add_argument("--out", default=None, help="adapter folder (default: OUTPUT_DIR/adapter-step-NNNNNN)")
+    p.add_argument("overrides", nargs="*", help="the run's recipe overrides, e.g. train.output_dir=out/run allmem.window=64")
+    p.set_defaults(func=cmd_adapter)
 
     p = sub.add_parser("teacher-cache", help="precompute the teacher's top-k log-probs for a recipe's data",
                        description="Store the teacher's top-k targets once; train with train.teacher_cache=DIR.")

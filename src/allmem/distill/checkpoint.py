@@ -289,6 +289,17 @@ def _read_v2(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def load_trained_weights(path: Path, params: dict[str, torch.nn.Parameter]) -> int:
+    """Copy only the trained weights of checkpoint ``path`` (either format; checked complete, finite
+    and fitting every name and shape first) into ``params``, e.g. to write an adapter from any step
+    of a run. Returns the step it was written at."""
+    meta = _read_meta(path)
+    tensors = _read_v1(path, meta)[0] if meta.get("format", 1) == 1 else _read_v2(path, meta)
+    _check_fit(path, params, tensors)
+    _copy_into(params, tensors)
+    return int(meta["step"])
+
+
 def resume_checkpoint(directory: Path, params: dict[str, torch.nn.Parameter], optimizer, scheduler,
                       accelerator: Accelerator | None = None) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest readable checkpoint under ``directory`` (None if there is none); a damaged

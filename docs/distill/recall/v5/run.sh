@@ -1,7 +1,7 @@
 #!/bin/bash
-# run v5: v3's recall-heavy short-sample setup, with the key_shift conv start and the slow-forgetting write (qk_scale 1, base_lr 0.1, momentum 0.9) that made MQAR recall at 256:16
+# run v5 (COMMAND=adapter ... [--checkpoint DIR] writes an adapter of a checkpoint instead of training): v3's recall-heavy short-sample setup, with the key_shift conv start and the slow-forgetting write (qk_scale 1, base_lr 0.1, momentum 0.9) that made MQAR recall at 256:16
 cd /work/main
-exec nice -n 5 env OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1} .venv/bin/allmem distill --recipe smollm2-recall \
+exec nice -n 5 env OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1} .venv/bin/allmem ${COMMAND:-distill} --recipe smollm2-recall \
   train.output_dir=out/recall-v5 train.init_adapter=null \
   train.reset_control_heads=false allmem.read_residual=false allmem.qk_scale=1.0 allmem.base_lr=0.1 \
   allmem.momentum_init=0.9 allmem.conv_init=key_shift allmem.window=64 allmem.chunk=32 \
