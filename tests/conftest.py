@@ -38,6 +38,23 @@ def tiny_adapter(tiny_smollm_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_recall_adapter(tiny_smollm_dir, tmp_path_factory):
+    """As ``tiny_adapter``, with the recall run's memory settings (ours): centred features, a
+    skip-free read, keys starting as queries, the output in the attention's output space."""
+    import allmem
+    from tiny_models import randomise_memory
+
+    base, _ = allmem.load_base(str(tiny_smollm_dir))
+    config = allmem.AllMemConfig(window=16, sinks=2, chunk=8, centre=True, read_residual=False, key_init="query",
+                                 output_init="attention", momentum_init=0.9)
+    model = allmem.convert(base, config, base_name=str(tiny_smollm_dir))
+    randomise_memory(model, scale=0.2)
+    path = tmp_path_factory.mktemp("recall-adapter")
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def float64_by_default():
     """float64 as the default dtype for one test (a module-level setting would leak into every

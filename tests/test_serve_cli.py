@@ -61,12 +61,15 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-def test_export_round_trip(tiny_adapter, tmp_path, capsys):
+@pytest.mark.parametrize("adapter", ["tiny_adapter", "tiny_recall_adapter"])
+def test_export_round_trip(adapter, request, tmp_path, capsys):
     """The export holds everything vLLM reads and loads back (Auto classes and allmem) to the
     source model's logits, over a prompt longer than the window (the memory matters)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import allmem
+
+    tiny_adapter = request.getfixturevalue(adapter)
 
     out = tmp_path / "export"
     assert main(["export", "--model", str(tiny_adapter), "--out", str(out), "--max-model-len", "32768"]) == 0
@@ -204,14 +207,17 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    """`allmem serve` of the tiny adapter on 127.0.0.1 (W=16, C=8: every prompt here crosses the
-    window and memory chunks), from the vLLM venv; the engine logs each step's rows to a trace."""
+    """`allmem serve` of a tiny adapter on 127.0.0.1 (W=16, C=8: every prompt here crosses the
+    window and memory chunks), from the vLLM venv; the engine logs each step's rows to a trace.
+    The adapter has the recall run's settings (centred features, skip-free read): the vLLM layer
+    runs the same memory module whatever its settings, and the defaults are served by the
+    export round trip above and every in-process test."""
     import allmem
 
     if not os.access(VLLM_PYTHON, os.X_OK):
         pytest.fail(f"no vLLM interpreter at {VLLM_PYTHON}: run `make setup-serve` (it builds {launch.VLLM_VENV}; "
                     f"`make test` does it first) or set ${launch.PYTHON_ENV_VAR}", pytrace=False)
-    tiny_adapter = request.getfixturevalue("tiny_adapter")  # after the check: a missing venv fails at once
+    tiny_adapter = request.getfixturevalue("tiny_recall_adapter")  # after the check: a missing venv fails at once
     tmp = tmp_path_factory.mktemp("server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
