@@ -10,6 +10,8 @@ log p(right code) - log p(wrong code of the same form), summed over the answer, 
 prompts whose needle lies far outside the window; SWA + sinks (alpha = 0) is the floor.
 
     .venv/bin/python benchmarks/oracle_gate.py [--alphas 0.25 0.5 1] [--fillers 1 0.01] [--set centre=true]
+    .venv/bin/python benchmarks/oracle_gate.py --weights RUN/checkpoints/step-N/trainable.safetensors --set centre=true \
+        --fillers learned      # a trained checkpoint's own gates, its own alpha and the alphas given
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ from memory_addressing import RECALL_SETTINGS, passkey_pair
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    parser.add_argument("--fillers", type=float, nargs="+", default=[1.0, 0.1, 0.01],
-                        help="eta on every token but the needle's digits, as a factor of base_lr")
+    parser.add_argument("--fillers", nargs="+", default=["1", "0.1", "0.01"],
+                        help="eta on every token but the needle's digits, as a factor of base_lr; 'learned' "
+                             "keeps the model's own write gates")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more memory settings (allmem.KEY)")
     parser.add_argument("--weights", default=None, help="a checkpoint's trainable.safetensors (its alpha is replaced)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--length", type=int, default=768)
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args()
+    try:
+        fillers = [None if f == "learned" else float(f) for f in args.fillers]
+    except ValueError:
+        parser.error(f"--fillers takes numbers or 'learned', got {args.fillers}")
 
     from safetensors.torch import load_file
 
@@ -58,7 +65,7 @@ def main() -> int:
 
     def override_eta(module, inputs, out):
         """eta_proj's logits such that softplus gives base_lr on the needle and base_lr x filler elsewhere."""
-        if gate["needle"] is None:
+        if gate["needle"] is None or gate["filler"] is None:
             return out
         start, stop = gate["needle"]
         target = torch.full(out.shape[:-1], config.base_lr * gate["filler"], dtype=out.dtype)
@@ -90,20 +97,25 @@ def main() -> int:
                 layer.self_attn.alpha.fill_(value)
 
     rows = []
+    if args.weights:  # the checkpoint's own alpha first
+        gate["filler"] = None
+        rows.append(("trained", "learned", margins()))
+        print(rows[-1], flush=True)
     set_alpha(0.0)
     floor = margins()
     rows.append(("0 (SWA + sinks)", "-", floor))
     print(rows[-1], flush=True)
     for alpha in args.alphas:
         set_alpha(alpha)
-        for filler in args.fillers:
+        for filler in fillers:
             gate["filler"] = filler
-            rows.append((f"{alpha:g}", f"x{filler:g}", margins()))
+            rows.append((f"{alpha:g}", "learned" if filler is None else f"x{filler:g}", margins()))
             print(rows[-1], flush=True)
     distance = sum(len(p) - n for p, _, _, n in items) / len(items)
     lines = [f"Recall margin (nats, mean over {len(items)} held-out passkey prompts of {args.length} tokens; the needle "
              f"~{distance:.0f} tokens before the answer; window {config.window}) of a fresh conversion with an oracle write "
-             f"gate: eta = {config.base_lr:g} on the needle's digits, x F on every other token. Settings: "
+             f"gate: eta = {config.base_lr:g} on the needle's digits, x F on every other token (or the model's own "
+             f"gates: learned). Settings: "
              f"{' '.join(s.removeprefix('allmem.') for s in settings)}; weights {args.weights or 'fresh'}.", "",
              "| alpha | filler eta | mean margin | wins | per prompt |", "|---|---|---:|---:|---|"]
     for alpha, filler, values in rows:
