@@ -456,6 +456,10 @@ def test_an_adapter_from_any_checkpoint_of_a_run_holds_that_steps_weights(tiny_s
     assert main(["adapter", "--recipe", "smollm2-cpu", *overrides]) == 0  # the latest: step 4
     trained = load_file(str(step2 / "trainable.safetensors"))
     model = allmem.from_pretrained(str(tmp_path / "a2"))
+    half = tmp_path / "half"
+    assert main(["adapter", "--recipe", "smollm2-cpu", "--checkpoint", str(step2), "--out", str(half), "--save-dtype",
+                 "bfloat16", *overrides]) == 0
+    assert {t.dtype for t in load_file(str(half / "adapter.safetensors")).values()} == {torch.bfloat16}
     assert all(torch.equal(p, trained[n]) for n, p in model.memory_parameters().items())
     final = allmem.from_pretrained(str(tmp_path / "run" / "adapter")).memory_parameters()
     latest = allmem.from_pretrained(str(tmp_path / "run" / "adapter-step-000004")).memory_parameters()

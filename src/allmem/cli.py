@@ -336,7 +336,7 @@ def cmd_adapter(args) -> int:
     model = convert(base, recipe.allmem_config(), base_name=recipe.base)
     step = load_trained_weights(checkpoint, model.memory_parameters())
     out = Path(args.out) if args.out else Path(recipe.train.output_dir) / f"adapter-{checkpoint.name}"
-    model.save_pretrained(out)
+    model.save_pretrained(out, dtype=args.save_dtype)
     print(f"adapter of step {step} ({checkpoint}) -> {out}")
     return 0
 
@@ -578,12 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapter", help="write an adapter from a training checkpoint of a distill run",
                        description="Write the adapter (memory weights + config) of any checkpoint of a run, e.g. to "
-                                   "evaluate it while training goes on: `allmem eval ... --systems allmem:OUT`. Give "
-                                   "the recipe and overrides the run was started with.")
+                                   "evaluate it while training goes on (`allmem eval ... --systems allmem:OUT`) or to "
+                                   "warm-start a later run (train.init_adapter=OUT). Give the recipe and overrides the "
+                                   "run was started with; the weights must fit them exactly, or nothing is written.")
     p.add_argument("--recipe", required=True, help="the run's recipe (built-in name or a YAML/TOML file)")
     p.add_argument("--checkpoint", default=None,
                    help="a step-NNNNNN folder (default: the latest under the recipe's train.output_dir)")
     p.add_argument("--out", default=None, help="adapter folder (default: OUTPUT_DIR/adapter-step-NNNNNN)")
+    p.add_argument("--save-dtype", type=_dtype, default=None,
+                   help="cast the saved weights (e.g. bfloat16: half the size, for a warm start); default as trained")
     p.add_argument("overrides", nargs="*", help="the run's recipe overrides, e.g. train.output_dir=out/run allmem.window=64")
     p.set_defaults(func=cmd_adapter)
 

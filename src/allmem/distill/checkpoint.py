@@ -188,7 +188,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
         raise CheckpointMismatchError(
             f"the checkpoint's optimizer has {len(meta['param_groups'])} parameter groups but this trainer has "
             f"{len(optimizer.param_groups)} (an older allmem wrote it, before the eta heads got a group of their own, "
-            "train.eta_lr_mult); resume it with that version, or warm-start from it: scripts/checkpoint_to_adapter.py "
+            "train.eta_lr_mult); resume it with that version, or warm-start from it: `allmem adapter` "
             "and train.init_adapter")
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
 
