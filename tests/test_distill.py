@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -414,14 +415,21 @@ def test_recall_samples_mark_where_the_answer_sits_in_the_context():
     from allmem.distill.data import answer_in_context, task_samples
 
     _, tok = allmem.load_base("smollm2")
-    # passkey's needle states the key twice; kv_retrieval's value once; niah_multivalue's three values once each
-    for task, copies in (("passkey", 2), ("kv_retrieval", 1), ("niah_multivalue", 1)):
+    # passkey's needle states the key twice; niah_multivalue's three values once each
+    for task, copies in (("passkey", 2), ("niah_multivalue", 1)):
         (sample,) = task_samples(tok, 1, (300, 400), seed=3, split="train", tasks=(task,))
         marked = [i for i, m in enumerate(sample.write_mask) if m]
         response = [i for i, m in enumerate(sample.loss_mask) if m]
         answer = tok.decode(sample.input_ids[response[0]:response[-1] + 1]).split(".<|im_end|>")[0]
         assert marked and max(marked) < response[0]
         assert sorted(tok.decode([sample.input_ids[i] for i in marked]).split()) == sorted(answer.split(", ") * copies)
+    # several needles, one asked: every stated value is marked (the gate cannot know which one will be asked)
+    for task in ("niah_multikey", "kv_retrieval"):
+        (sample,) = task_samples(tok, 1, (300, 400), seed=3, split="train", tasks=(task,))
+        marked = tok.decode([t for t, m in zip(sample.input_ids, sample.write_mask) if m]).split()
+        prompt = tok.decode(sample.input_ids[:sample.loss_mask.index(1)])
+        stated = re.findall(r"(?:is: |: )(\d{6,7})\b", prompt)
+        assert len(stated) >= (4 if task == "niah_multikey" else 10) and sorted(marked) == sorted(stated)
     # an answer the context does not spell out marks nothing; a copy inside the response does not count
     sample = chat_sample(tok, [{"role": "user", "content": "Say a number."}, {"role": "assistant", "content": "4711"}], 64)
     assert answer_in_context(tok, sample, " 4711.") is None

@@ -153,7 +153,8 @@ def task_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, 
         ex = make_example(task, tokenizer, length, rng, split=split)
         messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer.strip()}]
         sample = chat_sample(tokenizer, messages, length + 128, source=f"task/{task}")
-        sample.write_mask = answer_in_context(tokenizer, sample, ex.answer)
+        # every stated fact: the gate cannot know which of several needles the question will ask
+        sample.write_mask = answer_in_context(tokenizer, sample, ", ".join(ex.meta.get("facts", [])) or ex.answer)
         out.append(sample)
     return out
 

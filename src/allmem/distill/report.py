@@ -21,8 +21,9 @@ def _running_mean(values: list[float], window: int) -> list[float]:
 
 def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -> Path:
     """Per-step KL by data source (with running means over ``smooth`` steps of each source)
-    and the drawn window; when the run logged recall margins, a second panel with them
-    (AllMem over evaluations, SWA + sinks and full attention as references)."""
+    and the drawn window; when the run logged recall margins, a panel with them (AllMem over
+    evaluations, SWA + sinks and full attention as references); when it logged write-gate ratios
+    (train.lambda_gate), a panel with the answer CE and the gate ratio of each recall source."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +31,9 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
 
     steps, evals = read_metrics(metrics)
     margins = [(r["step"], r["eval"]) for r in evals if "margin_allmem" in r["eval"]]
-    fig, axes = plt.subplots(2 if margins else 1, 1, figsize=(8, 7.5 if margins else 4.2), squeeze=False)
+    gated = any("gate_log10_ratio" in r for r in steps)
+    panels = 1 + bool(margins) + bool(gated)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 0.5 + 3.6 * panels), squeeze=False)
     ax = axes[0][0]
     by_source: dict[str, list[dict]] = {}
     for r in steps:
@@ -58,6 +61,21 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
         ax.set_ylabel("recall margin, nats")
         ax.set_title("held-out passkey / multi-key: log p(right) - log p(wrong answer of the same form)", fontsize=9)
         ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if gated:
+        ax = axes[-1][0]
+        ax2 = ax.twinx()
+        for source, rows in sorted(by_source.items()):
+            rows = [r for r in rows if "gate_log10_ratio" in r]
+            if not rows:
+                continue
+            xs = [r["step"] for r in rows]
+            (line,) = ax.plot(xs, _running_mean([r["ce"] for r in rows], smooth), "-", label=f"{source} answer CE")
+            ax2.plot(xs, _running_mean([r["gate_log10_ratio"] for r in rows], smooth), ":", color=line.get_color())
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"answer CE, nats / token (solid; running mean, {smooth})")
+        ax2.set_ylabel("log10 needle / filler write rate (dotted)")
+        ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)

@@ -53,6 +53,8 @@ class TaskExample:
     question: str
     answer: str
     meta: dict = field(default_factory=dict)
+    """depth and key of the asked needle; "facts": every value the context states as a candidate
+    answer (the distractor needles too), where there are several."""
 
     @property
     def prompt(self) -> str:
@@ -141,7 +143,8 @@ def make_example(task: str, tokenizer, length: int, rng: random.Random, *, depth
         depths = [depth if i == target else rng.uniform(0, 1) for i in range(len(nouns))]
         budget = _needle_budget(tokenizer, length, intro, question, *needles)
         context = intro + " " + hay.fill(budget, list(zip(depths, needles)))
-        return TaskExample(task, context, question, f" {values[target]}.", {"depth": depth, "key": nouns[target]})
+        return TaskExample(task, context, question, f" {values[target]}.", {"depth": depth, "key": nouns[target],
+                                                                            "facts": values})
 
     if task == "variable_tracking":
         value = str(rng.randint(10000, 99999))
@@ -167,7 +170,8 @@ def make_example(task: str, tokenizer, length: int, rng: random.Random, *, depth
         lines = [(k, v) for i, (k, v) in enumerate(lines) if i == target or k != question_key]
         context = "Here is a list of keys and their values.\n" + "\n".join(f"{k}: {v}" for k, v in lines)
         question = f"What is the value of the key {question_key}? The value of {question_key} is"
-        return TaskExample(task, context, question, f" {value}.", {"depth": target / max(1, len(lines)), "key": question_key})
+        return TaskExample(task, context, question, f" {value}.", {"depth": target / max(1, len(lines)), "key": question_key,
+                                                                   "facts": [v for _, v in lines]})
 
     if task == "niah_multivalue":
         noun = rng.choice(_nouns())
