@@ -26,8 +26,9 @@ class Sample:
     """Weight of the cross-entropy term for this sample (None: the recipe's lambda_ce); a
     recall task's known answer makes CE a direct signal where the teacher is weak."""
     write_mask: list[int] | None = None
-    """1 on the context tokens that carry the answer (a recall task's needle), 0 elsewhere; None
-    where nothing is known. The write-gate loss (``train.lambda_gate``, ours) reads it."""
+    """1 on the context tokens that state the answer or another candidate fact (a recall task's
+    needles), 0 elsewhere; None where nothing is known. The write-gate loss (``train.lambda_gate``,
+    ours) reads it."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
