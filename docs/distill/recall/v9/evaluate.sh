@@ -16,4 +16,4 @@ export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
   --weights $out/adapter-$step/adapter.safetensors --out $here/addressing-$step.md
 .venv/bin/allmem eval synthetic --quiet --systems full:smollm2 "swa:smollm2?window=64&sinks=4" "allmem:$out/adapter-$step" \
   --tasks passkey --lengths $lengths --depths 0.1 0.3 0.5 --samples 4 --split heldout --margin --out $out/eval-$step
-cp $out/eval-$step/scores.md $here/passkey-$step.md
+cp $out/eval-$step/summary.md $here/passkey-$step.md
