@@ -51,6 +51,30 @@ def passkey_pair(tok, length: int, rng: random.Random) -> tuple[list[int], list[
     return list(prompt), answer, needle, counter
 
 
+def recall_model(settings: list[str], weights: str | None, length: int):
+    """(model, tokenizer, AllMemConfig): SmolLM2 converted with the recall recipe and ``settings``
+    (allmem.KEY=VALUE), in eval mode; with a checkpoint's or adapter's ``weights`` (safetensors) loaded
+    into it, else, for a fresh centred memory, its means calibrated on one training-split prompt."""
+    from safetensors.torch import load_file
+
+    from allmem import calibrate_centre, convert, load_base
+    from allmem.distill.recipe import load_recipe
+    from allmem.distill.tasks import make_example
+
+    recipe = load_recipe("smollm2-recall", settings)
+    config = recipe.allmem_config()
+    base, tok = load_base(recipe.base, dtype=torch.float32)
+    model = convert(base, config, base_name=recipe.base).eval()
+    if weights:
+        _, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        if unexpected:
+            raise SystemExit(f"error: {weights} has tensors this model lacks: {unexpected[:3]}")
+    elif config.centre:
+        calibration = make_example("passkey", tok, length, random.Random(11), split="train")
+        calibrate_centre(model, [torch.tensor([tok(calibration.prompt).input_ids])])
+    return model, tok, config
+
+
 def projections(memory, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The memory's normalised q, k and its values v [H, T, d_h] for one sequence x [1, T, d]."""
     q, k, v = features(memory, x)
@@ -70,26 +94,9 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args()
 
-    from safetensors.torch import load_file
-
-    from allmem import convert, load_base
-    from allmem.distill.recipe import load_recipe
-    from allmem.distill.tasks import make_example
-
     torch.set_num_threads(1)
-    recipe = load_recipe("smollm2-recall", [*RECALL_SETTINGS, f"allmem.key_init={args.key_init}",
-                                            *(f"allmem.{s}" for s in args.set)])
-    base, tok = load_base(recipe.base, dtype=torch.float32)
-    model = convert(base, recipe.allmem_config(), base_name=recipe.base).eval()
-    if args.weights:
-        _, unexpected = model.load_state_dict(load_file(args.weights), strict=False)
-        if unexpected:
-            raise SystemExit(f"error: {args.weights} has tensors this model lacks: {unexpected[:3]}")
-    elif model.allmem_config.centre:  # a fresh centred memory: its means from a training-split prompt
-        from allmem import calibrate_centre
-
-        calibration = make_example("passkey", tok, args.length, random.Random(11), split="train")
-        calibrate_centre(model, [torch.tensor([tok(calibration.prompt).input_ids])])
+    model, tok, config = recall_model([*RECALL_SETTINGS, f"allmem.key_init={args.key_init}",
+                                       *(f"allmem.{s}" for s in args.set)], args.weights, args.length)
     inputs, reads = {}, {}
     for i, layer in enumerate(model.model.layers):
         memory = layer.self_attn.memory
@@ -97,7 +104,7 @@ def main() -> int:
         # out_norm's input is the fast weights' read [1, T, H * d_h], before the norm and the gate
         memory.out_norm.register_forward_pre_hook(lambda m, a, i=i: reads.__setitem__(i, a[0].detach()))
 
-    window = recipe.allmem_config().window
+    window = config.window
     rng = random.Random(7)
     ranks: dict[int, list[torch.Tensor]] = {}
     read_ranks: dict[int, list[torch.Tensor]] = {}

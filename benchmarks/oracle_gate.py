@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from memory_addressing import RECALL_SETTINGS, passkey_pair
+from memory_addressing import RECALL_SETTINGS, passkey_pair, recall_model
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
                         help="eta on every token but the needle's digits, as a factor of base_lr; 'learned' "
                              "keeps the model's own write gates")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more memory settings (allmem.KEY)")
-    parser.add_argument("--weights", default=None, help="a checkpoint's trainable.safetensors (its alpha is replaced)")
+    parser.add_argument("--weights", default=None, help="a checkpoint's trainable.safetensors (its own gates and alpha come first, then the rows asked)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--length", type=int, default=768)
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
@@ -42,24 +42,11 @@ def main() -> int:
     except ValueError:
         parser.error(f"--fillers takes numbers or 'learned', got {args.fillers}")
 
-    from safetensors.torch import load_file
-
-    from allmem import calibrate_centre, convert, load_base
-    from allmem.distill.recipe import load_recipe
-    from allmem.distill.tasks import make_example
     from allmem.eval.recall import answer_logprob
 
     torch.set_num_threads(1)
     settings = [*RECALL_SETTINGS, "allmem.key_init=query", "allmem.output_init=attention", *(f"allmem.{s}" for s in args.set)]
-    recipe = load_recipe("smollm2-recall", settings)
-    config = recipe.allmem_config()
-    base, tok = load_base(recipe.base, dtype=torch.float32)
-    model = convert(base, config, base_name=recipe.base).eval()
-    if args.weights:
-        model.load_state_dict(load_file(args.weights), strict=False)
-    elif config.centre:
-        calibration = make_example("passkey", tok, args.length, random.Random(11), split="train")
-        calibrate_centre(model, [torch.tensor([tok(calibration.prompt).input_ids])])
+    model, tok, config = recall_model(settings, args.weights, args.length)
 
     gate: dict[str, object] = {"needle": None, "filler": 1.0}
 
