@@ -473,3 +473,44 @@ def test_an_adapter_from_any_checkpoint_of_a_run_holds_that_steps_weights(tiny_s
     latest = allmem.from_pretrained(str(tmp_path / "run" / "adapter-step-000004")).memory_parameters()
     assert all(torch.equal(p, final[n]) for n, p in latest.items())
     assert not all(torch.equal(p, final[n]) for n, p in model.memory_parameters().items())
+
+
+
+def test_attention_transfer_loss_is_the_relative_squared_error_on_the_chosen_rows():
+    from allmem.distill.losses import attention_transfer_loss
+
+    torch.manual_seed(0)
+    output = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 5, 3, dtype=torch.float64)
+    rows = torch.zeros(2, 5, dtype=torch.bool)
+    rows[0, 1], rows[1, 3], rows[1, 4] = True, True, True
+    picked = [(0, 1), (1, 3), (1, 4)]
+    num = sum(float(((output[b, t] - target[b, t]) ** 2).sum()) for b, t in picked)
+    den = sum(float((target[b, t] ** 2).sum()) for b, t in picked)
+    loss = attention_transfer_loss(output, target, rows)
+    assert float(loss) == pytest.approx(num / den, rel=1e-12)
+    loss.backward()
+    assert bool(output.grad[0, 0].eq(0).all()) and not bool(output.grad[0, 1].eq(0).all())
+    assert float(attention_transfer_loss(target, target, rows)) == 0.0
+    assert float(attention_transfer_loss(output, target, torch.zeros_like(rows))) == 0.0
+
+
+def test_the_attention_transfer_loss_moves_the_layers_toward_full_attention(tiny_smollm_dir, tmp_path):
+    trainers, errors = {}, {}
+    for name, weight in (("off", 0.0), ("on", 3.0)):
+        recipe = tiny_recipe(tiny_smollm_dir, tmp_path / name, steps=8, **{"train.lambda_transfer": weight, "train.lr": 1e-2})
+        trainers[name] = DistillTrainer(recipe, progress=False).setup()
+        errors[name] = [r.transfer_error for r in trainers[name].train()]
+        logged = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert ("transfer_error" in logged[-1]) == (weight > 0)
+    assert errors["off"] == [None] * 8  # nothing computed, nothing added to the loss
+    assert all(math.isfinite(e) and e > 0 for e in errors["on"])
+    # the same held-out sample, the same window: trained with the loss, the layers sit closer to full attention
+    sample = trainers["on"].heldout_samples[0]
+    measured = {}
+    for name, trainer in trainers.items():
+        trainer.recipe.train.lambda_transfer = 1.0
+        trainer._unwrapped.set_runtime(window=32, sinks=2, chunk=16)
+        with torch.no_grad():
+            measured[name] = trainer.loss_on([sample])[1].transfer_error
+    assert measured["on"] < 0.95 * measured["off"], (measured, errors["on"])

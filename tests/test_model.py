@@ -430,3 +430,42 @@ def test_centred_memory_prefill_equals_segments_and_its_adapter_round_trips(tmp_
     again.load_memory_adapter(tmp_path / "adapter")
     for a, b in zip(model.model.layers, again.model.layers):
         torch.testing.assert_close(a.self_attn.memory.feature_mean, b.self_attn.memory.feature_mean)
+
+
+@pytest.mark.parametrize("family", [*sorted(TINY_FAMILIES), "gemma3"])
+def test_teacher_attention_is_what_the_pretrained_attention_returns_on_the_same_inputs(family):
+    """Every layer's teacher_attention, on the inputs the original model gives that layer, equals the
+    original attention module's output there (Gemma 3's sliding layers keep their own window)."""
+    if family == "gemma3":
+        from test_gemma3 import tiny_gemma3
+
+        base = tiny_gemma3()
+    else:
+        base = tiny_base(family)
+    model = randomise_memory(allmem.convert(base, allmem.AllMemConfig(window=4, sinks=1, chunk=4)))
+    x = ids(2, 24)
+    seen_inputs, seen_outputs, segments = [], [], []
+
+    def record_original(module, args, kwargs, out):
+        seen_inputs.append(kwargs["hidden_states"])
+        seen_outputs.append(out[0])
+
+    def record_segment(module, args, kwargs, out):
+        segments.append(kwargs["allmem_segment"])
+
+    with torch.no_grad(), model.original_attention() as original:
+        hooks = [layer.self_attn.register_forward_hook(record_original, with_kwargs=True)
+                 for layer in original.model.layers]
+        original(x)
+        for hook in hooks:
+            hook.remove()
+    wrappers = [layer.self_attn for layer in model.model.layers]
+    hooks = [w.register_forward_hook(record_segment, with_kwargs=True) for w in wrappers]
+    with torch.no_grad():
+        model(x)
+        for hook in hooks:
+            hook.remove()
+        for wrapper, hidden, expected, seg in zip(wrappers, seen_inputs, seen_outputs, segments, strict=True):
+            torch.testing.assert_close(wrapper.teacher_attention(hidden, seg), expected, rtol=1e-4, atol=1e-5)
+    # the converted layer itself differs: a window of 4 loses the rest
+    assert not torch.allclose(wrappers[-1](seen_inputs[-1], allmem_segment=segments[-1])[0], seen_outputs[-1], atol=1e-3)

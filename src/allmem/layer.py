@@ -135,6 +135,25 @@ class AllMemAttention(nn.Module):
             seg.states[self.layer_idx] = LayerState(window_state, memory_state)
         return attn_out + (self.alpha.to(mem_out.dtype) * mem_out).to(attn_out.dtype), None
 
+    def teacher_attention(self, hidden_states: torch.Tensor, seg: Segment) -> torch.Tensor:
+        """What the pretrained attention returns on these inputs: every earlier token of the segment,
+        no sinks (a pretrained sliding-window layer keeps its own window). hidden_states [B, T, d]
+        -> [B, T, d]. For a segment that starts its sequences (training); the target of the
+        attention-transfer loss, against which this layer's output (window + alpha * memory) is fit."""
+        if bool(seg.seen.any()):
+            raise ValueError("teacher_attention needs a segment that starts its sequences (seen = 0)")
+        batch, length, _ = hidden_states.shape
+        span = length if self.native_window is None else self.native_window
+        q, k, v = self._project(hidden_states)
+        cos, sin, _, _ = self._rotary_tables(hidden_states, seg)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        groups = q.shape[1] // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, groups, length, self.head_dim)
+        positions = torch.arange(length, device=hidden_states.device)[None].expand(batch, -1)
+        out = swa_prefill(q, k, v, positions, positions, window=span, scale=self.attn.scaling,
+                          block=seg.config.swa_block)
+        return self.attn.o_proj(out.reshape(batch, -1, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1))
+
     # ---------------------------------------------------------------- window
     def _project(self, x: torch.Tensor):
         attn = self.attn

@@ -146,3 +146,20 @@ def write_gate_loss(eta_logits: list[torch.Tensor], write_mask: torch.Tensor, co
     log_ratio = torch.cat(log_ratios, dim=-1)
     loss = F.softplus(math.log(target_ratio) - log_ratio).mean()
     return loss, (log_ratio.detach() / math.log(10)).flatten()
+
+
+def attention_transfer_loss(output: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(ours, after LoLCATs' attention transfer) How far one layer's output is from the pretrained
+    attention's on the same inputs.
+
+    output [B, T, d]: the converted layer's window attention + alpha * memory; target [B, T, d]:
+    ``AllMemAttention.teacher_attention`` of the same hidden states (no gradient); positions [B, T]
+    (bool) the rows to fit. Returns sum ||output - target||^2 / sum ||target||^2 over those rows: the
+    relative squared error, 0 when the layer reproduces full attention, comparable across layers.
+    """
+    rows = positions.bool()
+    if not bool(rows.any()):
+        return output.sum() * 0.0
+    wide = torch.promote_types(output.dtype, torch.float32)
+    out, tgt = output[rows].to(wide), target[rows].to(wide).detach()
+    return (out - tgt).pow(2).sum() / tgt.pow(2).sum().clamp_min(torch.finfo(wide).tiny)

@@ -25,7 +25,7 @@ from ..constants import torch_dtype
 from ..modeling import AllMemForCausalLM
 from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .data import DataError, Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
-from .losses import chunked_distill_loss, teacher_topk, write_gate_loss
+from .losses import attention_transfer_loss, chunked_distill_loss, teacher_topk, write_gate_loss
 from .recipe import Recipe, TrainSettings
 from .teacher_cache import TeacherCache
 
@@ -100,6 +100,9 @@ class StepResult:
     gate_log10_ratio: float | None = None
     """Median over layers and heads of log10(mean eta on the needle / on the rest of the context),
     for batches with a known needle while train.lambda_gate > 0 (0 = a uniform write gate)."""
+    transfer_error: float | None = None
+    """Mean over layers of the relative squared error between each layer's output and the pretrained
+    attention's on the same inputs, while train.lambda_transfer > 0 (0 = full attention reproduced)."""
 
 
 class DistillTrainer:
@@ -268,7 +271,9 @@ class DistillTrainer:
             teacher, topk = self._teacher_hidden(ids, attn), None
         model = model or self.model
         supervise_gate = t.lambda_gate > 0 and any(s.write_mask for s in samples)
-        with self.accelerator.autocast(), self._eta_logits(supervise_gate) as eta_logits:
+        transfer = t.lambda_transfer > 0
+        with self.accelerator.autocast(), self._eta_logits(supervise_gate) as eta_logits, \
+                self._transfer_errors(transfer, attn.bool(), mask.bool()) as transfer_errors:
             student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
         # per-source CE weight (recall tasks); a batch uses its samples' mean (exact with micro_batch 1)
         weights = [t.lambda_ce if s.ce_weight is None else s.ce_weight for s in samples]
@@ -283,7 +288,39 @@ class DistillTrainer:
             gate_loss, log_ratios = write_gate_loss(eta_logits, write_mask, attn.bool() & ~mask.bool(), t.gate_ratio)
             loss = loss + t.lambda_gate * gate_loss
             gate = float(log_ratios.median()) if log_ratios.numel() else None
-        return loss, StepResult(float(loss.detach()), out.kl, out.ce, out.tokens, gate_log10_ratio=gate)
+        transfer_error = None
+        if transfer:
+            errors = torch.stack(transfer_errors)
+            loss = loss + t.lambda_transfer * errors.mean()
+            transfer_error = float(errors.detach().mean())
+        return loss, StepResult(float(loss.detach()), out.kl, out.ce, out.tokens, gate_log10_ratio=gate,
+                                transfer_error=transfer_error)
+
+    @contextlib.contextmanager
+    def _transfer_errors(self, capture: bool, real: torch.Tensor, scored: torch.Tensor):
+        """Per converted layer, during one forward: the attention-transfer error of its output against
+        the pretrained attention on the same (detached) inputs, over every real token plus, once more,
+        over the scored ones (a recall sample's answer: the few rows where the window lost the most)."""
+        collected: list[torch.Tensor] = []
+        if not capture:
+            yield collected
+            return
+
+        def record(module, args, kwargs, output):
+            hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+            with torch.no_grad():
+                target = module.teacher_attention(hidden, kwargs["allmem_segment"])
+            layer_out = output[0]
+            collected.append(attention_transfer_loss(layer_out, target, real)
+                             + attention_transfer_loss(layer_out, target, scored))
+
+        hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True)
+                 for layer in self._unwrapped.model.layers]
+        try:
+            yield collected
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     @contextlib.contextmanager
     def _eta_logits(self, capture: bool):
@@ -321,7 +358,9 @@ class DistillTrainer:
             total = StepResult(total.loss + res.loss / t.grad_accum, total.kl + res.kl / t.grad_accum,
                                total.ce + res.ce / t.grad_accum, total.tokens + sum(len(s) for s in batch),
                                gate_log10_ratio=res.gate_log10_ratio if res.gate_log10_ratio is not None
-                               else total.gate_log10_ratio)
+                               else total.gate_log10_ratio,
+                               transfer_error=res.transfer_error if res.transfer_error is not None
+                               else total.transfer_error)
             sources.update(s.source for s in batch)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         # one device sync for all gradients (not one per tensor)
@@ -466,7 +505,8 @@ class DistillTrainer:
             self._log({"step": self.step, "loss": res.loss, "kl": res.kl, "ce": res.ce, "tokens": res.tokens,
                        "source": self.last_sources, "skipped": res.skipped, "tok_s": rate,
                        "lr": self.last_lr, "elapsed_s": elapsed, **self.last_runtime,
-                       **({} if res.gate_log10_ratio is None else {"gate_log10_ratio": res.gate_log10_ratio})})
+                       **({} if res.gate_log10_ratio is None else {"gate_log10_ratio": res.gate_log10_ratio}),
+                       **({} if res.transfer_error is None else {"transfer_error": res.transfer_error})})
             self.bad_in_a_row = self.bad_in_a_row + 1 if res.skipped else 0
             if self.bad_in_a_row >= t.max_bad_steps:
                 bar.close()
