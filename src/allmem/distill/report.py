@@ -23,7 +23,8 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
     """Per-step KL by data source (with running means over ``smooth`` steps of each source)
     and the drawn window; when the run logged recall margins, a panel with them (AllMem over
     evaluations, SWA + sinks and full attention as references); when it logged write-gate ratios
-    (train.lambda_gate), a panel with the answer CE and the gate ratio of each recall source."""
+    (train.lambda_gate), a panel with the answer CE and the gate ratio of each recall source; when it
+    logged attention-transfer errors (train.lambda_transfer), a panel with them per source."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +33,8 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
     steps, evals = read_metrics(metrics)
     margins = [(r["step"], r["eval"]) for r in evals if "margin_allmem" in r["eval"]]
     gated = any("gate_log10_ratio" in r for r in steps)
-    panels = 1 + bool(margins) + bool(gated)
+    transferred = any("transfer_error" in r for r in steps)
+    panels = 1 + bool(margins) + bool(gated) + transferred
     fig, axes = plt.subplots(panels, 1, figsize=(8, 0.5 + 3.6 * panels), squeeze=False)
     ax = axes[0][0]
     by_source: dict[str, list[dict]] = {}
@@ -63,7 +65,7 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     if gated:
-        ax = axes[-1][0]
+        ax = axes[1 + bool(margins)][0]
         ax2 = ax.twinx()
         for source, rows in sorted(by_source.items()):
             rows = [r for r in rows if "gate_log10_ratio" in r]
@@ -75,6 +77,18 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
         ax.set_xlabel("step")
         ax.set_ylabel(f"answer CE, nats / token (solid; running mean, {smooth})")
         ax2.set_ylabel("log10 needle / filler write rate (dotted)")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(alpha=0.3)
+    if transferred:
+        ax = axes[-1][0]
+        for source, rows in sorted(by_source.items()):
+            rows = [r for r in rows if "transfer_error" in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], _running_mean([r["transfer_error"] for r in rows], smooth), "-",
+                        label=source)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"attention-transfer error (running mean, {smooth})")
+        ax.set_title("per layer ||window + alpha * memory - full attention||^2 / ||full attention||^2, mean", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
     fig.tight_layout()
