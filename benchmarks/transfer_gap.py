@@ -8,13 +8,14 @@ where the full attention reads the needle) and every row beyond the window. "Clo
 window's error the memory removes (negative: the memory adds error). Both systems see the inputs their own
 model gives each layer, so this is each layer's local error, not the teacher's.
 
-    .venv/bin/python benchmarks/transfer_gap.py --weights out/recall-v10/adapter-step-000700/adapter.safetensors \
+    .venv/bin/python benchmarks/transfer_gap.py --weights out/recall-v10/adapter-step-001000/adapter.safetensors \
         --set centre=true key_init=query output_init=attention [--prompts 4] [--length 768] [--out FILE.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 
 import torch
@@ -66,10 +67,7 @@ def main() -> int:
         ids = prompt + answer
         rows = slice(len(prompt) - 1, len(ids) - 1)  # the rows whose next token is the answer's
         for system in ("swa", "allmem"):
-            if system == "swa":
-                with model.memory_disabled():
-                    errors = layer_errors(model, ids, rows, config.window + config.sinks)
-            else:
+            with model.memory_disabled() if system == "swa" else contextlib.nullcontext():
                 errors = layer_errors(model, ids, rows, config.window + config.sinks)
             for kind, values in errors.items():
                 sums[(system, kind)] = [s + v / args.prompts for s, v in zip(sums[(system, kind)], values)]
