@@ -21,6 +21,8 @@ from allmem.eval.ruler import (
 )
 from allmem.eval.synthetic import (
     Cell,
+    comparison_markdown,
+    passkey_digits,
     passkey_score,
     plan_cells,
     postprocess_pred,
@@ -67,6 +69,14 @@ def test_postprocess_and_passkey_rules():
     assert passkey_score(" 12 41190", "41190") == 0.0
     assert passkey_score("no digits", "41190") == 0.0
     assert passkey_score("041190", "41190") == 1.0  # compared as integers
+    # digits in place: position by position against the first integer, over the longer of the two
+    assert passkey_digits(" 89836.", "89836") == 1.0
+    assert passkey_digits("89636", "89836") == 0.8
+    assert passkey_digits("8936", "89836") == 0.4  # a dropped digit shifts the rest
+    assert passkey_digits("898360", "89836") == pytest.approx(5 / 6)
+    assert passkey_digits("no digits", "89836") == 0.0
+    assert passkey_digits("12 89836", "89836") == 0.0
+    assert passkey_digits("0089836", "89836") == 1.0
     assert sample_score("string_match_all", "FOO-bar and 12", ["foo-bar", "13"]) == 0.5
     assert sample_score("string_match_part", "FOO-bar and 12", ["foo-bar", "13"]) == 1.0
     assert sample_score("passkey", "\x01 777", ["777"]) == 1.0
@@ -205,6 +215,23 @@ def test_runner_scores_resumes_and_refuses_other_settings(tmp_path, tokenizer):
     assert "| passkey | 100.00 | 100.00 |" in md and "passkey by needle depth" in md
     saved = json.loads((tmp_path / "run" / "scores.json").read_text())
     assert saved["scores"]["passkey"]["600"] == 100.0
+    # the oracle answers every key exactly: all digits in place, and only passkey gets the column
+    assert result.digits == {"passkey": {600: 100.0, 900: 100.0}} and saved["digits"]["passkey"]["900"] == 100.0
+    assert "Key digits in place" in md and "Key digits in place" in comparison_markdown([result])
+    # one wrong digit in every key: exact match drops to 0, the digits score to (n - 1) / n
+    rescored = tmp_path / "rescored"
+    rescored.mkdir()
+    records = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    expected = {600: [], 900: []}
+    for r in records:
+        if r["task"] == "passkey":
+            key = r["outputs"][0]
+            r["pred"] = " " + key[:-1] + str((int(key[-1]) + 1) % 10)
+            expected[r["length"]].append((len(key) - 1) / len(key))
+    (rescored / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    off_by_one = synthetic.score_synthetic(rescored, "oracle")
+    assert off_by_one.scores["passkey"] == {600: 0.0, 900: 0.0}
+    assert off_by_one.digits["passkey"] == {n: round(100 * sum(v) / len(v), 2) for n, v in expected.items()}
 
     # a rerun generates nothing; an interrupted run (torn last line, lost records) resumes
     again = run_synthetic(system, *args, chat=False, progress=False)

@@ -20,6 +20,11 @@ characters replaced by newlines; every RULER task here is scored with ``string_m
 (the fraction of gold strings found in the prediction, case-insensitively); RULER's QA tasks
 would use ``string_match_part`` (1 if any gold string is found). The passkey scores 1 when the
 first integer of the prediction equals the key (EVAL_SPEC.md). Cells score 100 x mean.
+
+(ours) Passkey predictions also get a partial score, the share of the key's digits that the
+first integer of the prediction has in the right place (``passkey_digits``): a memory that
+returns 89636 for 89836 is closer than one that returns no number, and exact match alone
+cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -70,6 +75,17 @@ def passkey_score(prediction: str, key: str) -> float:
     """1.0 when the first integer in the prediction equals the pass key."""
     match = re.search(r"\d+", prediction)
     return float(match is not None and int(match.group()) == int(key))
+
+
+def passkey_digits(prediction: str, key: str) -> float:
+    """Share of positions where the first integer in the prediction has the key's digit, over
+    the longer of the two (a dropped or extra digit shifts the rest and counts against it);
+    0.0 without an integer. Leading zeros are ignored on both sides, as in ``passkey_score``."""
+    match = re.search(r"\d+", prediction)
+    if match is None:
+        return 0.0
+    got, want = str(int(match.group())), str(int(key))
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
 
 
 def sample_score(metric: str, prediction: str, outputs: Sequence[str]) -> float:
@@ -145,6 +161,8 @@ class SyntheticResult:
     settings: dict[str, Any] = field(default_factory=dict)
     margins: dict[str, dict[int, float]] = field(default_factory=dict)
     """Mean recall margin (nats) by task and length, where it was recorded (``margin=True``)."""
+    digits: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Passkey only: 100 x the mean share of the key's digits in place (``passkey_digits``)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -155,6 +173,7 @@ class SyntheticResult:
             "counts": {t: {str(k): v for k, v in row.items()} for t, row in self.counts.items()},
             "settings": self.settings,
             "margins": {t: {str(k): v for k, v in row.items()} for t, row in self.margins.items()},
+            "digits": {t: {str(k): v for k, v in row.items()} for t, row in self.digits.items()},
         }
 
     def markdown(self) -> str:
@@ -175,6 +194,9 @@ class SyntheticResult:
             cols = {str(n): {t: row[n] for t, row in self.margins.items() if n in row} for n in lengths}
             out += ["\nRecall margin, mean log p(right) - log p(wrong) in nats, by task and length:\n",
                     format_table(cols, row_label="task")]
+        if self.digits:
+            cols = {str(n): {t: row[n] for t, row in self.digits.items() if n in row} for n in lengths}
+            out += ["\nKey digits in place (100 x mean share), by task and length:\n", format_table(cols, row_label="task")]
         return "\n".join(out)
 
 
@@ -273,12 +295,16 @@ def score_synthetic(out_dir: str | Path, system_name: str, cells: Sequence[Cell]
     sums: dict[str, dict[int, list[float]]] = {}
     depth_sums: dict[str, dict[str, dict[int, list[float]]]] = {}
     margin_sums: dict[str, dict[int, list[float]]] = {}
+    digit_sums: dict[str, dict[int, list[float]]] = {}
     for r in records:
         value = sample_score(TASK_METRIC[r["task"]], r["pred"], r["outputs"])
         sums.setdefault(r["task"], {}).setdefault(r["length"], []).append(value)
         depth_sums.setdefault(r["task"], {}).setdefault(depth_label(r["depth"]), {}).setdefault(r["length"], []).append(value)
         if "margin" in r:
             margin_sums.setdefault(r["task"], {}).setdefault(r["length"], []).append(r["margin"])
+        if TASK_METRIC[r["task"]] == "passkey":
+            digit = passkey_digits(postprocess_pred(r["pred"]), r["outputs"][0])
+            digit_sums.setdefault(r["task"], {}).setdefault(r["length"], []).append(digit)
     mean = lambda xs: round(100 * sum(xs) / len(xs), 2)  # noqa: E731
     order = {t: i for i, t in enumerate(SYNTHETIC_TASKS)}
     scores = {t: {n: mean(v) for n, v in sorted(rows.items())} for t, rows in sorted(sums.items(), key=lambda x: order[x[0]])}
@@ -286,7 +312,8 @@ def score_synthetic(out_dir: str | Path, system_name: str, cells: Sequence[Cell]
     by_depth = {t: {d: {n: mean(v) for n, v in sorted(rows.items())} for d, rows in sorted(depths.items())}
                 for t, depths in depth_sums.items()}
     margins = {t: {n: round(sum(v) / len(v), 3) for n, v in sorted(rows.items())} for t, rows in margin_sums.items()}
-    result = SyntheticResult(system_name, scores, by_depth, counts, out_dir, settings or {}, margins)
+    digits = {t: {n: mean(v) for n, v in sorted(rows.items())} for t, rows in digit_sums.items()}
+    result = SyntheticResult(system_name, scores, by_depth, counts, out_dir, settings or {}, margins, digits)
     (out_dir / "scores.json").write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
     (out_dir / "scores.md").write_text(result.markdown(), encoding="utf-8")
     return result
@@ -301,6 +328,10 @@ def comparison_markdown(results: Sequence[SyntheticResult]) -> str:
         margins = {r.system: {f"{t} @ {n}": v for t, row in r.margins.items() for n, v in row.items()} for r in results}
         out += ["\nRecall margin (nats, mean log p(right) - log p(wrong answer of the same form)):\n",
                 format_table(margins, row_label="task @ length")]
+    if any(r.digits for r in results):
+        digits = {r.system: {f"{t} @ {n}": v for t, row in r.digits.items() for n, v in row.items()} for r in results}
+        out += ["\nKey digits in place (100 x mean share of the key's digits at the right position):\n",
+                format_table(digits, row_label="task @ length")]
     depth_tasks = [t for t in DEPTH_TASKS if any(t in r.by_depth for r in results)]
     for task in depth_tasks:
         cols = {r.system: {f"{n} @ depth {d}": v for d, row in r.by_depth.get(task, {}).items() for n, v in sorted(row.items())}
