@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import allmem
+from allmem.config import ConfigError
 from allmem.distill.checkpoint import save_checkpoint
 from allmem.distill.data import DataError, chat_sample, collate, length_grouped_batches, to_messages
 from allmem.distill.losses import chunked_distill_loss, scored_positions
@@ -493,6 +494,60 @@ def test_attention_transfer_loss_is_the_relative_squared_error_on_the_chosen_row
     assert bool(output.grad[0, 0].eq(0).all()) and not bool(output.grad[0, 1].eq(0).all())
     assert float(attention_transfer_loss(target, target, rows)) == 0.0
     assert float(attention_transfer_loss(output, target, torch.zeros_like(rows))) == 0.0
+
+
+def test_attention_transfer_loss_over_the_window_error():
+    """transfer_norm window: the denominator is the window attention's own squared error."""
+    from allmem.distill.losses import attention_transfer_loss
+
+    torch.manual_seed(1)
+    output, target, window = (torch.randn(2, 4, 3, dtype=torch.float64) for _ in range(3))
+    rows = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    picked = [(0, 0), (0, 2), (1, 2), (1, 3)]
+    num = sum(float(((output[b, t] - target[b, t]) ** 2).sum()) for b, t in picked)
+    den = sum(float(((window[b, t] - target[b, t]) ** 2).sum()) for b, t in picked)
+    assert float(attention_transfer_loss(output, target, rows, window)) == pytest.approx(num / den, rel=1e-12)
+    assert float(attention_transfer_loss(window, target, rows, window)) == pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(ConfigError, match="transfer_norm"):
+        tiny_recipe("x", "out", **{"train.transfer_norm": "teacher"})
+
+
+def test_the_window_normalised_transfer_error_uses_each_layers_own_window(tiny_smollm_dir, tmp_path):
+    """The trainer takes a layer's window attention as its output less alpha * memory; recomputed
+    here by calling every layer again on the same inputs with its alpha at zero."""
+    from allmem.distill.losses import attention_transfer_loss
+
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path / "run", **{"train.lambda_transfer": 1.0,
+                                                               "train.transfer_norm": "window"})
+    trainer = DistillTrainer(recipe, progress=False).setup()
+    model = trainer._unwrapped
+    model.set_runtime(window=32, sinks=2, chunk=16)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.alpha.fill_(0.3 + 0.05 * i)
+    sample = next(s for s in trainer.train_samples if s.source.startswith("task"))  # scored rows: the answer
+    calls = []
+
+    def keep(module, args, kwargs, output):
+        calls.append((module, (args[0] if args else kwargs["hidden_states"]).detach(), kwargs["allmem_segment"],
+                      output[0].detach()))
+
+    hooks = [layer.self_attn.register_forward_hook(keep, with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        got = trainer.loss_on([sample])[1].transfer_error
+    for hook in hooks:
+        hook.remove()
+    ids, attn, mask = collate([sample], trainer.pad_id)
+    expected = []
+    with torch.no_grad():
+        for module, hidden, segment, output in calls[: len(model.model.layers)]:
+            target = module.teacher_attention(hidden, segment)
+            with model.memory_disabled():
+                window = module(hidden, allmem_segment=segment)[0]
+            assert not torch.allclose(window, output)  # the memory adds something: the test can tell them apart
+            expected.append(sum(float(attention_transfer_loss(output, target, rows.bool(), window))
+                                for rows in (attn, mask)))
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
 def test_the_attention_transfer_loss_moves_the_layers_toward_full_attention(tiny_smollm_dir, tmp_path):

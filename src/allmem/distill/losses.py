@@ -148,7 +148,8 @@ def write_gate_loss(eta_logits: list[torch.Tensor], write_mask: torch.Tensor, co
     return loss, (log_ratio.detach() / math.log(10)).flatten()
 
 
-def attention_transfer_loss(output: torch.Tensor, target: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def attention_transfer_loss(output: torch.Tensor, target: torch.Tensor, positions: torch.Tensor,
+                            baseline: torch.Tensor | None = None) -> torch.Tensor:
     """(ours, after LoLCATs' attention transfer) How far one layer's output is from the pretrained
     attention's on the same inputs.
 
@@ -156,10 +157,16 @@ def attention_transfer_loss(output: torch.Tensor, target: torch.Tensor, position
     ``AllMemAttention.teacher_attention`` of the same hidden states (no gradient); positions [B, T]
     (bool) the rows to fit. Returns sum ||output - target||^2 / sum ||target||^2 over those rows: the
     relative squared error, 0 when the layer reproduces full attention, comparable across layers.
+
+    With ``baseline`` [B, T, d] (the layer's window attention alone) the denominator is
+    sum ||baseline - target||^2 instead: the share of what the window loses that the layer still
+    loses (1 = no better than the window). Every layer then weighs the same whatever its window's
+    gap, so one that loses little to its window is held to returning little more.
     """
     rows = positions.bool()
     if not bool(rows.any()):
         return output.sum() * 0.0
     wide = torch.promote_types(output.dtype, torch.float32)
     out, tgt = output[rows].to(wide), target[rows].to(wide).detach()
-    return (out - tgt).pow(2).sum() / tgt.pow(2).sum().clamp_min(torch.finfo(wide).tiny)
+    scale = tgt if baseline is None else baseline[rows].to(wide).detach() - tgt
+    return (out - tgt).pow(2).sum() / scale.pow(2).sum().clamp_min(torch.finfo(wide).tiny)

@@ -55,6 +55,12 @@ class TrainSettings:
     inputs (``allmem.distill.losses.attention_transfer_loss``, mean over layers). It tells every memory
     directly what its window lost, where the logit KL and the answer CE reach it only through the layers
     above; runs v5-v9 left the answer CE at ~1.8 nats with gates that already single the needle out."""
+    transfer_norm: str = "target"
+    """(ours) what the attention-transfer error of a layer is divided by: ``target``, the full
+    attention's output (the relative error); ``window``, the window attention's own error, so that
+    each layer is scored on the share of its window's loss it still has. With ``target`` the layers
+    whose window loses little add almost nothing to the loss, and run v10's memory added error in them
+    (layer 23 at the answer: 0.06 -> 2.3, docs/distill/recall/transfer_gap)."""
     kl_chunk: int = 1024
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -163,6 +169,8 @@ class Recipe:
                      "lambda_ce", "lambda_gate", "lambda_transfer", "save_every", "eval_every", "recall_prompts"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
+        if t.transfer_norm not in ("target", "window"):
+            raise ConfigError(f"train.transfer_norm must be target or window, got {t.transfer_norm!r}")
         if not t.gate_ratio > 1:
             raise ConfigError(f"train.gate_ratio must be > 1 (needle eta over filler eta), got {t.gate_ratio!r}")
         if not 0 <= t.decay_fraction <= 1:

@@ -102,7 +102,8 @@ class StepResult:
     for batches with a known needle while train.lambda_gate > 0 (0 = a uniform write gate)."""
     transfer_error: float | None = None
     """Mean over layers of the relative squared error between each layer's output and the pretrained
-    attention's on the same inputs, while train.lambda_transfer > 0 (0 = full attention reproduced)."""
+    attention's on the same inputs, while train.lambda_transfer > 0 (0 = full attention reproduced; with
+    train.transfer_norm window, divided by the window attention's own error instead: 1 = no better)."""
 
 
 class DistillTrainer:
@@ -306,16 +307,27 @@ class DistillTrainer:
             yield collected
             return
 
+        by_window = self.recipe.train.transfer_norm == "window"
+        memory_out: dict[int, torch.Tensor] = {}
+
+        def keep_memory(module, args, output):
+            memory_out[id(module)] = output[0].detach()
+
         def record(module, args, kwargs, output):
             hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+            layer_out, baseline = output[0], None
             with torch.no_grad():
                 target = module.teacher_attention(hidden, kwargs["allmem_segment"])
-            layer_out = output[0]
-            collected.append(attention_transfer_loss(layer_out, target, real)
-                             + attention_transfer_loss(layer_out, target, scored))
+                if by_window:  # the layer's output less alpha * memory: its window attention alone
+                    mem = memory_out.pop(id(module.memory))
+                    baseline = layer_out.detach() - (module.alpha.to(mem.dtype) * mem).to(layer_out.dtype)
+            collected.append(attention_transfer_loss(layer_out, target, real, baseline)
+                             + attention_transfer_loss(layer_out, target, scored, baseline))
 
-        hooks = [layer.self_attn.register_forward_hook(record, with_kwargs=True)
-                 for layer in self._unwrapped.model.layers]
+        layers = [layer.self_attn for layer in self._unwrapped.model.layers]
+        hooks = [attn.register_forward_hook(record, with_kwargs=True) for attn in layers]
+        if by_window:
+            hooks += [attn.memory.register_forward_hook(keep_memory) for attn in layers]
         try:
             yield collected
         finally:
