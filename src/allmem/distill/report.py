@@ -1,4 +1,10 @@
-"""Loss curve of a distillation run from its metrics.jsonl."""
+"""Plots of distillation runs from their metrics.jsonl: one run's loss curve, or several runs'
+held-out perplexity and recall margin side by side.
+
+    python -m allmem.distill.report curves out/recall-v11/metrics.jsonl docs/distill/recall/v11/curves.png
+    python -m allmem.distill.report compare v10=docs/distill/recall/v10/metrics.jsonl \
+        v11=out/recall-v11/metrics.jsonl --out docs/distill/recall/heldout.png
+"""
 
 from __future__ import annotations
 
@@ -97,3 +103,76 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_heldout_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
+    """Held-out perplexity and recall margin against the step for several runs (label -> metrics.jsonl),
+    with SWA + sinks and full attention as horizontal references (from the first run that logged
+    them). Runs that share a held-out set (same recipe seed) are comparable point by point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ppl, ax_margin) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
+    references: dict[str, float] = {}
+    for label, path in runs.items():
+        _, evals = read_metrics(path)
+        if not evals:
+            raise ValueError(f"{path} has no held-out evaluations (train.eval_every was 0): nothing to plot for {label}")
+        xs = [r["step"] for r in evals]
+        ax_ppl.plot(xs, [r["eval"]["allmem_ppl"] for r in evals], "o-", label=f"AllMem {label}")
+        if "margin_allmem" in evals[0]["eval"]:
+            ax_margin.plot(xs, [r["eval"]["margin_allmem"] for r in evals], "o-", label=f"AllMem {label}")
+        for key in ("swa_ppl", "full_ppl", "margin_swa", "margin_full"):
+            if key in evals[-1]["eval"]:
+                references.setdefault(key, evals[-1]["eval"][key])
+    for ax, prefix, kind in ((ax_ppl, "", "ppl"), (ax_margin, "margin_", "margin")):
+        for name, label, colour in (("swa", "SWA + sinks", "r"), ("full", "full attention", "g")):
+            key = f"{prefix}{name}" if prefix else f"{name}_ppl"
+            if key in references:
+                ax.axhline(references[key], linestyle="--", color=colour, label=f"{label} ({references[key]:.2f})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_ppl.set_ylabel("held-out perplexity (scored tokens)")
+    ax_margin.set_ylabel("recall margin, nats")
+    ax_margin.set_xlabel("step")
+    ax_margin.set_title("held-out passkey / multi-key: log p(right) - log p(wrong answer of the same form)", fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m allmem.distill.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("curves", help="one run's loss curve (KL per source, margins, gates, transfer)")
+    p.add_argument("metrics", type=Path)
+    p.add_argument("out", type=Path)
+    p = sub.add_parser("compare", help="several runs' held-out perplexity and recall margin")
+    p.add_argument("runs", nargs="+", metavar="LABEL=METRICS")
+    p.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "curves":
+            print(plot_loss_curve(args.metrics, args.out))
+        else:
+            bad = [r for r in args.runs if "=" not in r]
+            if bad:
+                parser.error(f"runs look like LABEL=PATH/metrics.jsonl, got {bad[0]!r}")
+            print(plot_heldout_runs(dict(r.split("=", 1) for r in args.runs), args.out))
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
