@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from allmem.ops.swa import swa_blocked, swa_dense, swa_flex
+from allmem.ops.swa import swa_blocked, swa_dense, swa_flex, swa_sdpa
 
 
 def loop_reference(q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos, window, scale):
@@ -67,6 +67,8 @@ def test_blocked_and_dense_match_loop(case):
     torch.testing.assert_close(swa_dense(q, k, v, key_pos, query_pos, **kw), expected)
     # the GPU path (FlexAttention with widened q/k for rolling sinks), run eagerly on CPU
     torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), expected)
+    # the CPU inference path: PyTorch's fused attention with a window mask, sinks merged by log-sum-exp
+    torch.testing.assert_close(swa_sdpa(q, k, v, key_pos, query_pos, **kw), expected)
 
 
 def test_rows_with_different_histories():
@@ -77,6 +79,7 @@ def test_rows_with_different_histories():
     expected = loop_reference(*args, 6, 0.5)
     torch.testing.assert_close(swa_blocked(q, k, v, key_pos, query_pos, block=4, **kw), expected)
     torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), expected)
+    torch.testing.assert_close(swa_sdpa(q, k, v, key_pos, query_pos, **kw), expected)
 
 
 def test_memory_chunks_over_blocks(monkeypatch):
@@ -94,8 +97,32 @@ def test_backend_choice(monkeypatch):
     from allmem.ops.swa import prefill_backend
 
     assert prefill_backend(is_cuda=False) == "blocked"
+    assert prefill_backend(is_cuda=False, fused_ok=True) == "sdpa"
     monkeypatch.setenv("ALLMEM_SWA_BACKEND", "flex")
     assert prefill_backend(is_cuda=False) == "flex"
     monkeypatch.setenv("ALLMEM_SWA_BACKEND", "fast")
     with pytest.raises(ValueError, match="ALLMEM_SWA_BACKEND='fast'"):
         prefill_backend(is_cuda=False)
+
+
+def test_prefill_takes_the_fused_path_only_without_gradients_and_for_small_masks(monkeypatch):
+    """swa_prefill: sdpa for no-grad calls whose T x K mask is small, blocked when training (the fused
+    kernel's backward is not used) or past the mask budget; both equal the dense form."""
+    import allmem.ops.swa as swa
+
+    q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos = make(1, 2, 2, 0, 24, 2)
+    q, k, v = (t.float() for t in (q, k, v))
+    kw = dict(window=8, scale=0.3, q_sink=q_sink.float(), k_sink=k_sink.float(), v_sink=v_sink.float(),
+              sink_pos=sink_pos)
+    calls = []
+    monkeypatch.setattr(swa, "swa_sdpa", lambda *a, **k_: calls.append("sdpa") or swa_sdpa(*a, **k_))
+    monkeypatch.setattr(swa, "swa_blocked", lambda *a, **k_: calls.append("blocked") or swa_blocked(*a, **k_))
+    expected = swa_dense(q, k, v, key_pos, query_pos, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(swa.swa_prefill(q, k, v, key_pos, query_pos, **kw), expected)
+    trained = q.clone().requires_grad_(True)
+    torch.testing.assert_close(swa.swa_prefill(trained, k, v, key_pos, query_pos, **kw), expected)
+    monkeypatch.setattr(swa, "MAX_MASK_ELEMENTS", 24 * 24 - 1)
+    with torch.no_grad():
+        swa.swa_prefill(q, k, v, key_pos, query_pos, **kw)
+    assert calls == ["sdpa", "blocked", "blocked"]

@@ -1,30 +1,42 @@
-"""Sliding-window attention with sink tokens: blocked prefill (CPU), FlexAttention prefill
+"""Sliding-window attention with sink tokens: blocked prefill (CPU, any length), PyTorch's fused
+CPU attention with a window mask (CPU inference at moderate lengths), FlexAttention prefill
 (CUDA) and dense decode, with the dense form as the reference for tests."""
 
 import os
 
+import torch
+
 from .blocked import swa_blocked
 from .flex import flex_available, swa_flex
 from .naive import swa_dense
+from .sdpa import MAX_MASK_ELEMENTS, sdpa_available, swa_sdpa
 
-BACKENDS = ("auto", "blocked", "flex")
+BACKENDS = ("auto", "blocked", "flex", "sdpa")
 
 
-def prefill_backend(is_cuda: bool) -> str:
-    """``ALLMEM_SWA_BACKEND``: ``auto`` (default: flex on CUDA, blocked elsewhere), ``blocked`` or ``flex``."""
+def prefill_backend(is_cuda: bool, fused_ok: bool = False) -> str:
+    """``ALLMEM_SWA_BACKEND``: ``auto`` (default: flex on CUDA; on CPU sdpa where ``fused_ok`` (no
+    gradient, a small mask), else blocked), ``blocked``, ``flex`` or ``sdpa``."""
     choice = os.environ.get("ALLMEM_SWA_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"ALLMEM_SWA_BACKEND={choice!r}; choose one of {', '.join(BACKENDS)}")
     if choice == "auto":
-        return "flex" if is_cuda and flex_available() else "blocked"
+        if is_cuda:
+            return "flex" if flex_available() else "blocked"
+        return "sdpa" if fused_ok and sdpa_available() else "blocked"
     return choice
 
 
 def swa_prefill(q, k, v, key_pos, query_pos, *, window, scale, block=None, **sinks):
-    """Prefill attention by the backend ``prefill_backend`` picks (same contract as both)."""
-    if prefill_backend(q.is_cuda) == "flex":
+    """Prefill attention by the backend ``prefill_backend`` picks (same contract as all)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    fused_ok = not needs_grad and q.shape[3] * k.shape[2] <= MAX_MASK_ELEMENTS
+    backend = prefill_backend(q.is_cuda, fused_ok)
+    if backend == "flex":
         return swa_flex(q, k, v, key_pos, query_pos, window=window, scale=scale, **sinks)
+    if backend == "sdpa":
+        return swa_sdpa(q, k, v, key_pos, query_pos, window=window, scale=scale, **sinks)
     return swa_blocked(q, k, v, key_pos, query_pos, window=window, scale=scale, block=block, **sinks)
 
 
-__all__ = ["BACKENDS", "prefill_backend", "swa_blocked", "swa_dense", "swa_flex", "swa_prefill"]
+__all__ = ["BACKENDS", "prefill_backend", "swa_blocked", "swa_dense", "swa_flex", "swa_prefill", "swa_sdpa"]
