@@ -31,8 +31,10 @@ from .layer import AllMemAttention, Segment
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "allmem_config.json"
-# adapters that ship inside the package, usable by name wherever an adapter directory is
-SHIPPED_ADAPTERS = {"smollm2-allmem": Path(__file__).parent / "adapters" / "smollm2-allmem"}
+# adapters that ship inside the package (each folder of adapters/ with an adapter config), usable by
+# name wherever an adapter directory is: smollm2-allmem (the default) and smollm2-allmem-recall
+SHIPPED_ADAPTERS = {folder.name: folder for folder in sorted((Path(__file__).parent / "adapters").iterdir())
+                    if (folder / ADAPTER_CONFIG).is_file()}
 ADAPTER_FORMAT = "allmem-adapter/1"
 ADAPTER_SUMS = "SHA256SUMS"  # `sha256sum` lines beside a shipped adapter's weights
 CHECKPOINT_CONFIG = "config.json"  # a self-contained checkpoint (export_pretrained): model_type "allmem"

@@ -30,7 +30,7 @@ def prefill_backend(is_cuda: bool, fused_ok: bool = False) -> str:
 def swa_prefill(q, k, v, key_pos, query_pos, *, window, scale, block=None, **sinks):
     """Prefill attention by the backend ``prefill_backend`` picks (same contract as all)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    fused_ok = not needs_grad and q.shape[3] * k.shape[2] <= MAX_MASK_ELEMENTS
+    fused_ok = not needs_grad and q.shape[0] * q.shape[3] * k.shape[2] <= MAX_MASK_ELEMENTS
     backend = prefill_backend(q.is_cuda, fused_ok)
     if backend == "flex":
         return swa_flex(q, k, v, key_pos, query_pos, window=window, scale=scale, **sinks)

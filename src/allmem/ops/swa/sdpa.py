@@ -20,7 +20,7 @@ import torch
 
 from .naive import sink_mask, window_mask
 
-# the largest T x K window mask (per batch row) this path builds: 16M elements, 64 MB in float32
+# the largest B x T x K window mask this path builds: 16M elements, 64 MB in float32
 MAX_MASK_ELEMENTS = 16 * 1024 * 1024
 
 
