@@ -550,6 +550,99 @@ def test_the_window_normalised_transfer_error_uses_each_layers_own_window(tiny_s
     assert got == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
+def test_needle_transfer_loss_against_a_loop():
+    """Pooled over layers: sum ||change of output - change of target||^2 / sum ||change of target||^2."""
+    from allmem.distill.losses import needle_transfer_loss
+
+    torch.manual_seed(2)
+    shape = (1, 6, 4)
+    outs, tgts, outs_cf, tgts_cf = ([torch.randn(shape, dtype=torch.float64) for _ in range(3)] for _ in range(4))
+    rows = torch.tensor([[False, False, False, True, True, False]])
+    num = den = 0.0
+    for o, t, oc, tc in zip(outs, tgts, outs_cf, tgts_cf):
+        for j in (3, 4):
+            num += float((((o[0, j] - oc[0, j]) - (t[0, j] - tc[0, j])) ** 2).sum())
+            den += float(((t[0, j] - tc[0, j]) ** 2).sum())
+    assert float(needle_transfer_loss(outs, tgts, outs_cf, tgts_cf, rows)) == pytest.approx(num / den, rel=1e-12)
+    # a layer that does not change with the code scores 1 (SWA + sinks); one that changes as the target does, 0
+    assert float(needle_transfer_loss(outs, tgts, outs, tgts_cf, rows)) == pytest.approx(1.0, rel=1e-12)
+    changed = [o + (t - tc) for o, t, tc in zip(outs, tgts, tgts_cf)]
+    assert float(needle_transfer_loss(changed, tgts, outs, tgts_cf, rows)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_counterfactual_ids_change_only_the_needles_digits(tiny_smollm_dir):
+    from transformers import AutoTokenizer
+
+    from allmem.distill.data import Sample, counterfactual_ids, digit_token_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_smollm_dir)
+    digits = digit_token_ids(tok)
+    assert sorted(digits.values()) == list(range(10))
+    ids = tok("code 4071 then 4071 end", add_special_tokens=False).input_ids
+    by_digit = {d: t for t, d in digits.items()}
+    where = [i for i, t in enumerate(ids) if t in digits]
+    assert len(where) == 8  # single-digit tokens
+    mask = [0] * len(ids)
+    for i in where[:4]:  # only the first occurrence is the needle; the second stands for the scored answer
+        mask[i] = 1
+    sample = Sample(ids, [0] * len(ids), "task/passkey", write_mask=mask)
+    counter = counterfactual_ids(sample, digits)
+    assert [counter[i] for i in where[:4]] == [by_digit[d] for d in (9, 5, 2, 6)]
+    assert [c for i, c in enumerate(counter) if i not in where[:4]] == [t for i, t in enumerate(ids) if i not in where[:4]]
+    words = tok("the word is apple", add_special_tokens=False).input_ids
+    assert counterfactual_ids(Sample(words, [0] * len(words), "t", write_mask=[1] * len(words)), digits) is None
+    assert counterfactual_ids(Sample(ids, [0] * len(ids), "t"), digits) is None
+
+
+def test_the_needle_error_of_a_recall_step_is_the_layers_change_with_the_code(tiny_smollm_dir, tmp_path):
+    """train.lambda_needle: the trainer runs the counterfactual (another code in the needle) and logs the
+    pooled needle-specific error; recomputed here from two hooked forwards of the prompt and its
+    counterfactual. Text samples and word answers add nothing."""
+    from allmem.distill.data import counterfactual_ids, digit_token_ids
+    from allmem.distill.losses import needle_transfer_loss
+
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path / "run", steps=6, **{
+        "train.lambda_needle": 1.0, "train.lambda_gate": 1.0,
+        "data": "[{source: tasks, count: 6, lengths: [200, 300], tasks: [passkey]}, {source: text, count: 3, lengths: [200, 300]}]"})
+    trainer = DistillTrainer(recipe, progress=False).setup()
+    model = trainer._unwrapped
+    model.set_runtime(window=32, sinks=2, chunk=16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.alpha.fill_(0.5)
+    sample = next(s for s in trainer.train_samples if s.source == "task/passkey")
+    counter = counterfactual_ids(sample, digit_token_ids(trainer.tokenizer))
+    assert counter is not None and counter != sample.input_ids
+    with torch.no_grad():
+        got = trainer.loss_on([sample])[1].needle_error
+    captured = {}
+    for name, ids in (("prompt", sample.input_ids), ("counter", counter)):
+        outs = []
+
+        def keep(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            outs.append((output[0], module.teacher_attention(hidden, kwargs["allmem_segment"])))
+
+        hooks = [layer.self_attn.register_forward_hook(keep, with_kwargs=True) for layer in model.model.layers]
+        with torch.no_grad():
+            model(torch.tensor([ids]), use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        captured[name] = outs
+    scored = torch.tensor([sample.loss_mask], dtype=torch.bool)
+    expected = needle_transfer_loss([o for o, _ in captured["prompt"]], [t for _, t in captured["prompt"]],
+                                    [o for o, _ in captured["counter"]], [t for _, t in captured["counter"]], scored)
+    assert 0 < got and got == pytest.approx(float(expected), rel=1e-4)
+    text = next(s for s in trainer.train_samples if s.source.startswith("text"))
+    with torch.no_grad():
+        assert trainer.loss_on([text])[1].needle_error is None
+    trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recall_steps = [r for r in logged if r.get("source") == "task/passkey"]
+    assert recall_steps and all(math.isfinite(r["needle_error"]) for r in recall_steps)
+    assert all("needle_error" not in r for r in logged if r.get("source", "").startswith("text"))
+
+
 def test_the_attention_transfer_loss_moves_the_layers_toward_full_attention(tiny_smollm_dir, tmp_path):
     trainers, errors = {}, {}
     for name, weight in (("off", 0.0), ("on", 3.0)):

@@ -160,6 +160,33 @@ def task_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, 
     return out
 
 
+def digit_token_ids(tokenizer) -> dict[int, int]:
+    """Token id -> digit, for the tokenizer's single-digit tokens (SmolLM2, Llama 3, Qwen: every digit
+    is its own token)."""
+    ids = {}
+    for digit in range(10):
+        encoded = tokenizer(str(digit), add_special_tokens=False).input_ids
+        if len(encoded) == 1:
+            ids[encoded[0]] = digit
+    return ids
+
+
+def counterfactual_ids(sample: Sample, digits: dict[int, int]) -> list[int] | None:
+    """(ours) The sample with another code in its needles: every digit token under its write mask
+    (``answer_in_context``) becomes (d + 5) % 10, the rest (the question, the scored answer) unchanged;
+    None when the mask holds no digit token (a word answer) or the sample has no mask."""
+    if not sample.write_mask:
+        return None
+    by_digit = {d: t for t, d in digits.items()}
+    ids = list(sample.input_ids)
+    changed = False
+    for i, marked in enumerate(sample.write_mask):
+        if marked and ids[i] in digits and (digits[ids[i]] + 5) % 10 in by_digit:
+            ids[i] = by_digit[(digits[ids[i]] + 5) % 10]
+            changed = True
+    return ids if changed else None
+
+
 def answer_in_context(tokenizer, sample: Sample, answer: str) -> list[int] | None:
     """A mask [T] of 1s on every place in the sample's context (the unscored tokens) where the
     answer's tokens appear (each part of a comma-separated answer), with or without a leading

@@ -55,6 +55,13 @@ class TrainSettings:
     inputs (``allmem.distill.losses.attention_transfer_loss``, mean over layers). It tells every memory
     directly what its window lost, where the logit KL and the answer CE reach it only through the layers
     above; runs v5-v9 left the answer CE at ~1.8 nats with gates that already single the needle out."""
+    lambda_needle: float = 0.0
+    """(ours) weight of the needle-specific transfer loss (``allmem.distill.losses.needle_transfer_loss``)
+    on recall samples whose needles hold digits: at the answer, each layer's *change* of output between
+    the sample and a counterfactual with another code must match the pretrained attention's change.
+    Costs one more forward (no gradient) of those samples. The plain transfer loss is met by what every
+    code shares: run v11 matched the full attention's output at the answer to 2-3 % in layers 6-8 while
+    its code-dependent part was further off than passing nothing (benchmarks/transfer_gap.py)."""
     transfer_norm: str = "target"
     """(ours) what the attention-transfer error of a layer is divided by: ``target``, the full
     attention's output (the relative error); ``window``, the window attention's own error, so that
@@ -166,7 +173,7 @@ class Recipe:
             if not getattr(t, name) > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)!r}")
         for name in ("weight_decay", "warmup_steps", "grad_clip", "alpha_lr_mult", "eta_lr_mult", "lambda_kl",
-                     "lambda_ce", "lambda_gate", "lambda_transfer", "save_every", "eval_every", "recall_prompts"):
+                     "lambda_ce", "lambda_gate", "lambda_transfer", "lambda_needle", "save_every", "eval_every", "recall_prompts"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
         if t.transfer_norm not in ("target", "window"):

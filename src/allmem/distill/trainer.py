@@ -24,8 +24,18 @@ from tqdm.auto import tqdm
 from ..constants import torch_dtype
 from ..modeling import AllMemForCausalLM
 from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
-from .data import DataError, Sample, collate, document_samples, file_samples, length_grouped_batches, task_samples
-from .losses import attention_transfer_loss, chunked_distill_loss, teacher_topk, write_gate_loss
+from .data import (
+    DataError,
+    Sample,
+    collate,
+    counterfactual_ids,
+    digit_token_ids,
+    document_samples,
+    file_samples,
+    length_grouped_batches,
+    task_samples,
+)
+from .losses import attention_transfer_loss, chunked_distill_loss, needle_transfer_loss, teacher_topk, write_gate_loss
 from .recipe import Recipe, TrainSettings
 from .teacher_cache import TeacherCache
 
@@ -104,6 +114,9 @@ class StepResult:
     """Mean over layers of the relative squared error between each layer's output and the pretrained
     attention's on the same inputs, while train.lambda_transfer > 0 (0 = full attention reproduced; with
     train.transfer_norm window, divided by the window attention's own error instead: 1 = no better)."""
+    needle_error: float | None = None
+    """The needle-specific transfer error of a recall batch while train.lambda_needle > 0 (1 = the layers
+    pass on nothing of the code, 0 = they change with it as full attention does)."""
 
 
 class DistillTrainer:
@@ -273,8 +286,10 @@ class DistillTrainer:
         model = model or self.model
         supervise_gate = t.lambda_gate > 0 and any(s.write_mask for s in samples)
         transfer = t.lambda_transfer > 0
+        counter = self._counterfactual(samples) if t.lambda_needle > 0 else None
+        by_window = transfer and t.transfer_norm == "window"
         with self.accelerator.autocast(), self._eta_logits(supervise_gate) as eta_logits, \
-                self._transfer_errors(transfer, attn.bool(), mask.bool()) as transfer_errors:
+                self._layer_targets(transfer or counter is not None, by_window) as layers:
             student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
         # per-source CE weight (recall tasks); a batch uses its samples' mean (exact with micro_batch 1)
         weights = [t.lambda_ce if s.ce_weight is None else s.ce_weight for s in samples]
@@ -289,25 +304,33 @@ class DistillTrainer:
             gate_loss, log_ratios = write_gate_loss(eta_logits, write_mask, attn.bool() & ~mask.bool(), t.gate_ratio)
             loss = loss + t.lambda_gate * gate_loss
             gate = float(log_ratios.median()) if log_ratios.numel() else None
-        transfer_error = None
+        transfer_error = needle_error = None
         if transfer:
-            errors = torch.stack(transfer_errors)
+            # every real row plus, once more, the scored ones (a recall sample's answer: where the window lost most)
+            errors = torch.stack([attention_transfer_loss(out_l, target, attn.bool(), baseline)
+                                  + attention_transfer_loss(out_l, target, mask.bool(), baseline)
+                                  for out_l, target, baseline in layers])
             loss = loss + t.lambda_transfer * errors.mean()
             transfer_error = float(errors.detach().mean())
+        if counter is not None:
+            with torch.no_grad(), self.accelerator.autocast(), self._layer_targets(True) as counter_layers:
+                model(input_ids=counter, attention_mask=attn, use_cache=False, return_hidden=True)
+            needle = needle_transfer_loss([o for o, _, _ in layers], [tg for _, tg, _ in layers],
+                                          [o for o, _, _ in counter_layers], [tg for _, tg, _ in counter_layers],
+                                          mask.bool())
+            loss = loss + t.lambda_needle * needle
+            needle_error = float(needle.detach())
         return loss, StepResult(float(loss.detach()), out.kl, out.ce, out.tokens, gate_log10_ratio=gate,
-                                transfer_error=transfer_error)
+                                transfer_error=transfer_error, needle_error=needle_error)
 
     @contextlib.contextmanager
-    def _transfer_errors(self, capture: bool, real: torch.Tensor, scored: torch.Tensor):
-        """Per converted layer, during one forward: the attention-transfer error of its output against
-        the pretrained attention on the same (detached) inputs, over every real token plus, once more,
-        over the scored ones (a recall sample's answer: the few rows where the window lost the most)."""
-        collected: list[torch.Tensor] = []
+    def _layer_targets(self, capture: bool, window: bool = False):
+        """Per converted layer, during one forward: (its output, the pretrained attention on the same
+        detached inputs, and with ``window`` its window attention alone: the output less alpha * memory)."""
+        collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         if not capture:
             yield collected
             return
-
-        by_window = self.recipe.train.transfer_norm == "window"
         memory_out: dict[int, torch.Tensor] = {}
 
         def keep_memory(module, args, output):
@@ -318,21 +341,31 @@ class DistillTrainer:
             layer_out, baseline = output[0], None
             with torch.no_grad():
                 target = module.teacher_attention(hidden, kwargs["allmem_segment"])
-                if by_window:  # the layer's output less alpha * memory: its window attention alone
+                if window:
                     mem = memory_out.pop(id(module.memory))
                     baseline = layer_out.detach() - (module.alpha.to(mem.dtype) * mem).to(layer_out.dtype)
-            collected.append(attention_transfer_loss(layer_out, target, real, baseline)
-                             + attention_transfer_loss(layer_out, target, scored, baseline))
+            collected.append((layer_out, target, baseline))
 
         layers = [layer.self_attn for layer in self._unwrapped.model.layers]
         hooks = [attn.register_forward_hook(record, with_kwargs=True) for attn in layers]
-        if by_window:
+        if window:
             hooks += [attn.memory.register_forward_hook(keep_memory) for attn in layers]
         try:
             yield collected
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def _counterfactual(self, samples: list[Sample]) -> torch.Tensor | None:
+        """The batch's ids with another code in every recall sample's needles (``counterfactual_ids``);
+        the other samples unchanged. None when no sample has a digit needle."""
+        if not hasattr(self, "_digits"):
+            self._digits = digit_token_ids(self.tokenizer)
+        swapped = [counterfactual_ids(s, self._digits) for s in samples]
+        if all(ids is None for ids in swapped):
+            return None
+        counter = [Sample(ids or s.input_ids, s.loss_mask, s.source) for ids, s in zip(swapped, samples)]
+        return collate(counter, self.pad_id)[0].to(self.accelerator.device)
 
     @contextlib.contextmanager
     def _eta_logits(self, capture: bool):
@@ -372,7 +405,8 @@ class DistillTrainer:
                                gate_log10_ratio=res.gate_log10_ratio if res.gate_log10_ratio is not None
                                else total.gate_log10_ratio,
                                transfer_error=res.transfer_error if res.transfer_error is not None
-                               else total.transfer_error)
+                               else total.transfer_error,
+                               needle_error=res.needle_error if res.needle_error is not None else total.needle_error)
             sources.update(s.source for s in batch)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         # one device sync for all gradients (not one per tensor)
@@ -518,7 +552,8 @@ class DistillTrainer:
                        "source": self.last_sources, "skipped": res.skipped, "tok_s": rate,
                        "lr": self.last_lr, "elapsed_s": elapsed, **self.last_runtime,
                        **({} if res.gate_log10_ratio is None else {"gate_log10_ratio": res.gate_log10_ratio}),
-                       **({} if res.transfer_error is None else {"transfer_error": res.transfer_error})})
+                       **({} if res.transfer_error is None else {"transfer_error": res.transfer_error}),
+                       **({} if res.needle_error is None else {"needle_error": res.needle_error})})
             self.bad_in_a_row = self.bad_in_a_row + 1 if res.skipped else 0
             if self.bad_in_a_row >= t.max_bad_steps:
                 bar.close()
