@@ -25,6 +25,17 @@ def _running_mean(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
+def _save(fig, out_png: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -> Path:
     """Per-step KL by data source (with running means over ``smooth`` steps of each source)
     and the drawn window; when the run logged recall margins, a panel with them (AllMem over
@@ -97,12 +108,7 @@ def plot_loss_curve(metrics: str | Path, out_png: str | Path, smooth: int = 5) -
         ax.set_title("per layer ||window + alpha * memory - full attention||^2 / ||full attention||^2, mean", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def plot_heldout_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
@@ -138,12 +144,7 @@ def plot_heldout_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
     ax_margin.set_ylabel("recall margin, nats")
     ax_margin.set_xlabel("step")
     ax_margin.set_title("held-out passkey / multi-key: log p(right) - log p(wrong answer of the same form)", fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def main(argv: list[str] | None = None) -> int:
