@@ -188,6 +188,7 @@ class DistillTrainer:
             raise DataError("the training data has no scored tokens (no assistant turns, no text): nothing to train on")
         self.heldout_samples = build_samples(r.heldout, self.tokenizer, r.train.seed + 1000, "heldout")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.digit_ids = digit_token_ids(self.tokenizer)  # for the counterfactual needles of train.lambda_needle
         self.tokens_per_sample = sum(len(s) for s in self.train_samples) / max(1, len(self.train_samples))
         t = r.train
         self.teacher_cache = TeacherCache(t.teacher_cache, t.teacher_topk) if t.teacher_cache else None
@@ -359,9 +360,7 @@ class DistillTrainer:
     def _counterfactual(self, samples: list[Sample]) -> torch.Tensor | None:
         """The batch's ids with another code in every recall sample's needles (``counterfactual_ids``);
         the other samples unchanged. None when no sample has a digit needle."""
-        if not hasattr(self, "_digits"):
-            self._digits = digit_token_ids(self.tokenizer)
-        swapped = [counterfactual_ids(s, self._digits) for s in samples]
+        swapped = [counterfactual_ids(s, self.digit_ids) for s in samples]
         if all(ids is None for ids in swapped):
             return None
         counter = [Sample(ids or s.input_ids, s.loss_mask, s.source) for ids, s in zip(swapped, samples)]
