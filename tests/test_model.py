@@ -124,6 +124,23 @@ def test_segments_of_any_size_equal_one_prefill(split):
     assert_segments_equal_one_prefill(converted(window=8, chunk=4), split)
 
 
+def test_a_padding_token_in_a_decode_step_leaves_its_row_as_it_was():
+    """A one-token step in which a row's token is padding (attention mask 0: a finished or idle
+    request) changes nothing of that row: its next tokens give the logits of the row run without
+    that step. The window is full, so the ring slot the padding would write holds a live key."""
+    model = converted(window=8, chunk=4)
+    x = ids(2, 16)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(x[:, :12], cache=cache)
+        model(x[:, 12:13], attention_mask=torch.tensor([[1] * 13, [1] * 12 + [0]]), cache=cache)
+        padded = model(x[:, 13:16], attention_mask=torch.tensor([[1] * 16, [1] * 12 + [0] + [1] * 3]), cache=cache).logits
+        alone_cache = model.new_cache()
+        model(x[1:, :12], cache=alone_cache)
+        alone = model(x[1:, 13:16], cache=alone_cache).logits
+    torch.testing.assert_close(padded[1:], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_left_padded_batch_equals_each_row_alone():
     # decoding crosses chunk boundaries at different steps per row
     assert_left_padded_batch_equals_each_row_alone(converted(window=8, chunk=4), [23, 14, 5], 9)

@@ -235,10 +235,10 @@ class AllMemAttention(nn.Module):
             return attn_out, None
 
         # new ring: slot r holds the latest position p < total with p % W == r
-        slot = torch.arange(window, device=device)[None]
-        newest = total[:, None] - 1
-        p = newest - (newest - slot) % window  # [B, W]
         if window_state is None or length > 1:
+            slot = torch.arange(window, device=device)[None]
+            newest = total[:, None] - 1
+            p = newest - (newest - slot) % window  # [B, W]
             # keys/values are position-contiguous from seen (fresh) or from seen - W (ordered ring)
             base = seg.seen[:, None] - (0 if window_state is None else window)
             idx = (p - base).clamp(0, keys.shape[2] - 1)
@@ -251,9 +251,11 @@ class AllMemAttention(nn.Module):
             write = (seg.seen % window).view(batch, 1)
             index = write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, k.shape[-1])
             real = (seg.seq_lens > 0).view(batch, 1)
-            position = torch.where(real, seg.seen[:, None], window_state.ring_pos.gather(1, write))
-            new_k = torch.where(real[..., None, None], k, window_state.ring_k.gather(2, index))
-            new_v = torch.where(real[..., None, None], v, window_state.ring_v.gather(2, index))
+            position, new_k, new_v = seg.seen[:, None], k, v
+            if not bool(real.all()):
+                position = torch.where(real, position, window_state.ring_pos.gather(1, write))
+                new_k = torch.where(real[..., None, None], k, window_state.ring_k.gather(2, index))
+                new_v = torch.where(real[..., None, None], v, window_state.ring_v.gather(2, index))
             ring_k = scatter_state(window_state.ring_k, 2, index, new_k)
             ring_v = scatter_state(window_state.ring_v, 2, index, new_v)
             ring_pos = scatter_state(window_state.ring_pos, 1, write, position)
