@@ -69,6 +69,8 @@ def test_blocked_and_dense_match_loop(case):
     torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), expected)
     # the CPU inference path: PyTorch's fused attention with a window mask, sinks merged by log-sum-exp
     torch.testing.assert_close(swa_sdpa(q, k, v, key_pos, query_pos, **kw), expected)
+    # ... with the queries in blocks, each against its band of keys
+    torch.testing.assert_close(swa_sdpa(q, k, v, key_pos, query_pos, block=block, **kw), expected)
 
 
 def test_rows_with_different_histories():
@@ -80,6 +82,7 @@ def test_rows_with_different_histories():
     torch.testing.assert_close(swa_blocked(q, k, v, key_pos, query_pos, block=4, **kw), expected)
     torch.testing.assert_close(swa_flex(q, k, v, key_pos, query_pos, compiled=False, **kw), expected)
     torch.testing.assert_close(swa_sdpa(q, k, v, key_pos, query_pos, **kw), expected)
+    torch.testing.assert_close(swa_sdpa(q, k, v, key_pos, query_pos, block=3, **kw), expected)
 
 
 def test_memory_chunks_over_blocks(monkeypatch):
@@ -106,7 +109,7 @@ def test_backend_choice(monkeypatch):
 
 
 def test_prefill_takes_the_fused_path_only_without_gradients_and_for_small_masks(monkeypatch):
-    """swa_prefill: sdpa for no-grad calls whose T x K mask is small, blocked when training (the fused
+    """swa_prefill: sdpa for no-grad calls whose per-block mask is small, blocked when training (the fused
     kernel's backward is not used) or past the mask budget; both equal the dense form."""
     import allmem.ops.swa as swa
 

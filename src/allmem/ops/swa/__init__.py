@@ -30,12 +30,16 @@ def prefill_backend(is_cuda: bool, fused_ok: bool = False) -> str:
 def swa_prefill(q, k, v, key_pos, query_pos, *, window, scale, block=None, **sinks):
     """Prefill attention by the backend ``prefill_backend`` picks (same contract as all)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    fused_ok = not needs_grad and q.shape[0] * q.shape[3] * k.shape[2] <= MAX_MASK_ELEMENTS
+    # the fused kernel takes the queries in blocks of W (at least 128), each against its band of keys:
+    # at 1k tokens and W = 256 half the score work of one T x K call, a quarter at 2k after a full window
+    band = max(window, 128)
+    length, keys = q.shape[3], k.shape[2]
+    fused_ok = not needs_grad and q.shape[0] * min(length, band) * min(keys, band + window) <= MAX_MASK_ELEMENTS
     backend = prefill_backend(q.is_cuda, fused_ok)
     if backend == "flex":
         return swa_flex(q, k, v, key_pos, query_pos, window=window, scale=scale, **sinks)
     if backend == "sdpa":
-        return swa_sdpa(q, k, v, key_pos, query_pos, window=window, scale=scale, **sinks)
+        return swa_sdpa(q, k, v, key_pos, query_pos, window=window, scale=scale, block=band, **sinks)
     return swa_blocked(q, k, v, key_pos, query_pos, window=window, scale=scale, block=block, **sinks)
 
 

@@ -12,6 +12,11 @@ Same contract as ``naive.swa_dense`` (the reference):
 
     q, q_sink [B, Hkv, G, T, D]   k, v [B, Hkv, K, D]   key_pos [B, K]   query_pos [B, T]
     k_sink, v_sink [B, Hkv, S, D]   sink_pos [B, S]     -> [B, Hkv, G, T, D]
+
+With ``block``, also ``swa_blocked``'s structural promise (the keys are P past tokens followed by
+the T queries, contiguous in position: query j is key P + j), and the queries go in blocks of
+``block``, each against only its band of block + W - 1 keys: T x (block + W) scores instead of
+T x K, and a mask of block x (block + W) whatever the length.
 """
 
 from __future__ import annotations
@@ -42,8 +47,22 @@ def swa_sdpa(
     k_sink: torch.Tensor | None = None,
     v_sink: torch.Tensor | None = None,
     sink_pos: torch.Tensor | None = None,
+    block: int | None = None,
 ) -> torch.Tensor:
     """Returns [B, Hkv, G, T, D]."""
+    length, past = q.shape[3], k.shape[2] - q.shape[3]
+    if block is not None and length > block:
+        outs = []
+        for start in range(0, length, block):
+            end = min(start + block, length)
+            lo = max(0, past + start - window + 1)  # the oldest key the block's first query can see
+            outs.append(swa_sdpa(
+                q[:, :, :, start:end], k[:, :, lo : past + end], v[:, :, lo : past + end], key_pos[:, lo : past + end],
+                query_pos[:, start:end], window=window, scale=scale,
+                q_sink=None if q_sink is None else q_sink[:, :, :, start:end], k_sink=k_sink, v_sink=v_sink,
+                sink_pos=sink_pos,
+            ))
+        return torch.cat(outs, dim=3)
     batch, kv_heads, groups, length, dim = q.shape
     visible = window_mask(query_pos[:, :, None], key_pos[:, None, :], window)  # [B, T, K]
     # finite, so a row that sees nothing (a padding query) averages instead of giving NaN, as in swa_blocked
