@@ -215,11 +215,10 @@ class AllMemAttention(nn.Module):
             out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=span, scale=self.attn.scaling,
                               block=cfg.swa_block, **sink_args)
         elif length == 1:
-            # decode: the ring in slot order plus the new key; positions do the masking
-            keys = torch.cat([window_state.ring_k, k], dim=2)
-            values = torch.cat([window_state.ring_v, v], dim=2)
-            key_pos = torch.cat([window_state.ring_pos, query_pos], dim=1)
-            out = swa_dense(q_win, keys, values, key_pos, query_pos, window=span, scale=self.attn.scaling,
+            # decode: the new key first takes its ring slot, whose old key (position seen - W) has
+            # just left the window; the ring in slot order is then every key, positions do the masking
+            ring_k, ring_v, ring_pos = self._write_one(window_state, k, v, seg)
+            out = swa_dense(q_win, ring_k, ring_v, ring_pos, query_pos, window=span, scale=self.attn.scaling,
                             **sink_args)
         else:
             # the ring in position order (oldest first), then the segment: query j is key W + j
@@ -244,19 +243,22 @@ class AllMemAttention(nn.Module):
             idx = (p - base).clamp(0, keys.shape[2] - 1)
             ring_k, ring_v = _gather_time(keys, idx), _gather_time(values, idx)
             ring_pos = torch.where(p >= 0, p, torch.full_like(p, -1))
-        else:
-            # one new key per row at slot seen % W. A row whose token is padding (seq_lens 0)
-            # writes back what the slot already holds: its key would otherwise sit in the ring
-            # at position seen, and the row's next token (same position) would attend to it
-            write = (seg.seen % window).view(batch, 1)
-            index = write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, k.shape[-1])
-            real = (seg.seq_lens > 0).view(batch, 1)
-            position, new_k, new_v = seg.seen[:, None], k, v
-            if not bool(real.all()):
-                position = torch.where(real, position, window_state.ring_pos.gather(1, write))
-                new_k = torch.where(real[..., None, None], k, window_state.ring_k.gather(2, index))
-                new_v = torch.where(real[..., None, None], v, window_state.ring_v.gather(2, index))
-            ring_k = scatter_state(window_state.ring_k, 2, index, new_k)
-            ring_v = scatter_state(window_state.ring_v, 2, index, new_v)
-            ring_pos = scatter_state(window_state.ring_pos, 1, write, position)
         return attn_out, WindowState(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
+
+    @staticmethod
+    def _write_one(window_state: WindowState, k: torch.Tensor, v: torch.Tensor, seg: Segment):
+        """The ring with one new key/value per row [B, Hkv, 1, D] at slot seen % W (in place without
+        autograd). A row whose token is padding (seq_lens 0) writes back what the slot already holds:
+        its key would otherwise sit in the ring at position seen, and the row's next token (same
+        position) would attend to it."""
+        batch, window = k.shape[0], window_state.ring_k.shape[2]
+        write = (seg.seen % window).view(batch, 1)
+        index = write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, k.shape[-1])
+        real = (seg.seq_lens > 0).view(batch, 1)
+        position, new_k, new_v = seg.seen[:, None], k, v
+        if not bool(real.all()):
+            position = torch.where(real, position, window_state.ring_pos.gather(1, write))
+            new_k = torch.where(real[..., None, None], k, window_state.ring_k.gather(2, index))
+            new_v = torch.where(real[..., None, None], v, window_state.ring_v.gather(2, index))
+        return (scatter_state(window_state.ring_k, 2, index, new_k), scatter_state(window_state.ring_v, 2, index, new_v),
+                scatter_state(window_state.ring_pos, 1, write, position))
