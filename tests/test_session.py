@@ -46,8 +46,9 @@ def test_chat_session_resumed_in_another_process_continues_exactly(tiny_adapter,
     first.save(path)
     size_after_one_turn = path.stat().st_size
 
-    # a later process continues the conversation from the file
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    # a later process continues the conversation from the file, with another number of CPU threads
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
+           "OMP_NUM_THREADS": "1" if torch.get_num_threads() != 1 else "2"}
     out = subprocess.run(  # bytes, not text: a generated "\r" must not become "\n"
         [sys.executable, "-m", "allmem.cli", "chat", "--model", str(tiny_adapter), "--session", str(path),
          "--max-new-tokens", "6"],

@@ -202,7 +202,7 @@ class AllMemMemory(nn.Module):
                 "start a new cache after changing the chunk size"
             )
 
-        qkv, gate_logits, beta_logits = self._projections(x)  # [B, T, 3 Hd], [B, T, Hd], [B, T, H]
+        qkv = self._qkv(x)  # [B, T, 3 Hd]
         qkv, conv_state = self._conv(qkv, state.conv, seq_lens, one_each=decode)
         q, k, v = self._features(qkv).split(self.width, dim=-1)
         q = self._heads(F.normalize(self._split(self.q_norm(q)), dim=-1))  # [B, H, T, d_h]
@@ -212,7 +212,7 @@ class AllMemMemory(nn.Module):
         v = self._heads(self._split(v))
         eta = F.softplus(self.eta_proj(x))
         eta = (eta if valid is None else eta * valid).transpose(1, 2)  # [B, H, T]
-        beta_logits = beta_logits.transpose(1, 2)  # [B, H, T], bias-free
+        beta_logits = F.linear(x, self.beta_proj.weight).transpose(1, 2)  # [B, H, T], bias-free
 
         # the read/write op runs in the state's dtype (float32 for bf16/fp16 activations), with
         # autocast off so that its matmuls are not cast back down; the read returns to x.dtype
@@ -229,7 +229,7 @@ class AllMemMemory(nn.Module):
             new_state.conv = conv_state
 
         o = o.transpose(1, 2).reshape(batch, length, self.width)
-        o = self.out_norm(o) * torch.sigmoid(gate_logits)
+        o = self.out_norm(o) * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(o), new_state
 
     def _features(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -251,26 +251,21 @@ class AllMemMemory(nn.Module):
         return FastWeights(*(n.to(dtype).repeat(batch, 1, 1) for n in row_norms(self.initial_weights())))
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """[q | k | v] projections [B, T, 3 H d_h]."""
-        return self._projections(x)[0]
-
-    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, d] -> ([q | k | v] [B, T, 3 H d_h], the output gate's logits [B, T, H d_h], the
-        bias-free beta logits [B, T, H]). Without autograd one matmul against the five weights
-        concatenated once (per decode token five small matmuls and a cat cost more than the
-        arithmetic); the concatenation is rebuilt whenever a weight changes (its version). The eta
-        head stays a module call: the trainer and benchmarks/oracle_gate.py hook it."""
-        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight,
-                   self.beta_proj.weight)
+        """[q | k | v] projections. Without autograd as one matmul against the three weights
+        concatenated once (per decode token three small matmuls and a cat cost more than the
+        arithmetic); the concatenation is rebuilt whenever a weight changes (its version). The
+        output gate and beta heads stay apart: with them in the same matmul (session 10) the result
+        depended on the thread count in its last bits, and a chat session resumed in a process
+        with another thread count no longer continued exactly."""
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            q, k, v, gate, beta = (F.linear(x, w) for w in weights)
-            return torch.cat([q, k, v], dim=-1), gate, beta
+            return torch.cat([F.linear(x, w) for w in weights], dim=-1)
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        cached = getattr(self, "_input_weights", None)
+        cached = getattr(self, "_qkv_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, torch.cat([w.detach() for w in weights], dim=0))
-            self._input_weights = cached
-        return F.linear(x, cached[1].to(x.dtype)).split([3 * self.width, self.width, self.heads], dim=-1)
+            self._qkv_cache = cached
+        return F.linear(x, cached[1].to(x.dtype))
 
     def _conv(self, inputs: torch.Tensor, conv_state: torch.Tensor, seq_lens: torch.Tensor, one_each: bool = False):
         """Causal depthwise conv continuing from ``conv_state``; the new state is the last
