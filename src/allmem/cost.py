@@ -50,9 +50,9 @@ Decode FLOPs of one token at context L (the L-th token; it sees L keys, itself i
 
 The real prefill kernel (``ops.swa.swa_blocked``) computes whole query blocks of b = min(W, 128)
 queries against W + b window keys and S sinks, so it spends about (W + b + S) / (W + S) of
-the ideal window pairs (3 % more at W 4096); the count above is the ideal kernel's. CPU inference at
-moderate lengths (``ops.swa.swa_sdpa``, a B x T x K mask of at most 16M elements) runs PyTorch's fused
-kernel over all T x K pairs instead: more FLOPs, less time at 1k tokens.
+the ideal window pairs (3 % more at W 4096); the count above is the ideal kernel's. CPU inference
+(``ops.swa.swa_sdpa``) runs PyTorch's fused kernel on blocks of max(W, 128) queries against all
+block + W keys of their band, masked: about twice the ideal pairs, less time at 1k tokens.
 
 The rest of the model is the same for all three: n_l M + E per token (prefill counts the
 LM head on all L positions, as a plain forward does). So prefill(L) = sum of decode(1..L)

@@ -233,7 +233,7 @@ class AllMemAttention(nn.Module):
         if seg.states is None:
             return attn_out, None
 
-        # new ring: slot r holds the latest position p < total with p % W == r
+        # new ring: slot r holds the latest position p < total with p % W == r (a decode step wrote its slot above)
         if window_state is None or length > 1:
             slot = torch.arange(window, device=device)[None]
             newest = total[:, None] - 1

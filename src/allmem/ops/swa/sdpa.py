@@ -5,8 +5,8 @@ The window part is one call of the flash-attention kernel PyTorch uses for
 returns each row's log-sum-exp, so the S sink scores (rolled by their own query rotation,
 ``q_sink``) are merged exactly afterwards: out = out_w * e^(lse_w - lse) + softmax-part of the
 sinks. At 1k tokens and W = 256 this is ~1.5x faster than ``swa_blocked`` on 2 cores
-(benchmarks/profile_1k.py), but the mask is O(T x K), so ``swa_prefill`` uses it only for
-no-grad calls whose mask stays small, and ``swa_blocked`` otherwise.
+(benchmarks/profile_1k.py). ``swa_prefill`` uses it for no-grad calls, with ``block`` (below) so
+that the mask stays block x (block + W) at any length, and ``swa_blocked`` for training.
 
 Same contract as ``naive.swa_dense`` (the reference):
 
@@ -25,7 +25,8 @@ import torch
 
 from .naive import sink_mask, window_mask
 
-# the largest B x T x K window mask this path builds: 16M elements, 64 MB in float32
+# the largest window mask one call of the kernel gets (B x T x K, or B x block x (block + W) in blocks):
+# 16M elements, 64 MB in float32
 MAX_MASK_ELEMENTS = 16 * 1024 * 1024
 
 
