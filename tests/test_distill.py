@@ -431,6 +431,11 @@ def test_recall_samples_mark_where_the_answer_sits_in_the_context():
         prompt = tok.decode(sample.input_ids[:sample.loss_mask.index(1)])
         stated = re.findall(r"(?:is: |: )(\d{6,7})\b", prompt)
         assert len(stated) >= (4 if task == "niah_multikey" else 10) and sorted(marked) == sorted(stated)
+        # write_marks: answer (the masks of runs v9 and v10) marks only the asked value
+        (sample,) = task_samples(tok, 1, (300, 400), seed=3, split="train", tasks=(task,), write_marks="answer")
+        marked = tok.decode([t for t, m in zip(sample.input_ids, sample.write_mask) if m]).split()
+        asked = tok.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if m]).split(".")[0].strip()
+        assert marked == [asked] and asked in stated
     # an answer the context does not spell out marks nothing; a copy inside the response does not count
     sample = chat_sample(tok, [{"role": "user", "content": "Say a number."}, {"role": "assistant", "content": "4711"}], 64)
     assert answer_in_context(tok, sample, " 4711.") is None

@@ -74,7 +74,8 @@ def test_per_source_ce_weight_and_unknown_names_are_refused(tokenizer, tiny_smol
     assert [s.ce_weight for s in samples] == [0.7, 0.7, None, None]
     for bad, message in (("data=[{source: tasks, count: 1, tasks: [passkee]}]", "unknown tasks"),
                          ("data=[{source: text, count: 1, sources: [novels]}]", "unknown text sources"),
-                         ("data=[{source: tasks, count: 1, lambda_ce: -1}]", "lambda_ce")):
+                         ("data=[{source: tasks, count: 1, lambda_ce: -1}]", "lambda_ce"),
+                         ("data=[{source: tasks, count: 1, write_marks: needles}]", "write_marks")):
         with pytest.raises(ConfigError, match=message):
             tiny_recipe(tiny_smollm_dir, tmp_path, **{bad.split("=", 1)[0]: bad.split("=", 1)[1]})
 

@@ -144,8 +144,12 @@ def _fit(sample: Sample, max_len: int) -> Sample:
 
 # ------------------------------------------------------------------ corpora
 def task_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, split: str,
-                 tasks: tuple[str, ...] = TASKS) -> list[Sample]:
-    """The built-in corpus: long-context tasks as chat turns with ground-truth answers."""
+                 tasks: tuple[str, ...] = TASKS, write_marks: str = "facts") -> list[Sample]:
+    """The built-in corpus: long-context tasks as chat turns with ground-truth answers.
+
+    ``write_marks`` picks the context tokens a sample's write mask marks for the write-gate loss:
+    ``facts``, every stated candidate answer (the distractor needles too); ``answer``, only the
+    asked one (the masks runs v9 and v10 trained with)."""
     rng = random.Random(f"{seed}-{split}")
     out = []
     for i in range(count):
@@ -154,8 +158,9 @@ def task_samples(tokenizer, count: int, lengths: tuple[int, int], *, seed: int, 
         ex = make_example(task, tokenizer, length, rng, split=split)
         messages = [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.answer.strip()}]
         sample = chat_sample(tokenizer, messages, length + 128, source=f"task/{task}")
-        # every stated fact: the gate cannot know which of several needles the question will ask
-        sample.write_mask = answer_in_context(tokenizer, sample, ", ".join(ex.meta.get("facts", [])) or ex.answer)
+        # every stated fact by default: the gate cannot know which of several needles the question will ask
+        facts = ", ".join(ex.meta.get("facts", [])) if write_marks == "facts" else ""
+        sample.write_mask = answer_in_context(tokenizer, sample, facts or ex.answer)
         out.append(sample)
     return out
 

@@ -129,7 +129,8 @@ class Recipe:
     randomize: dict[str, list[int]] = field(default_factory=dict)
     """Ranges [lo, hi] (inclusive) for window, sinks, chunk drawn independently every step."""
     data: list[dict[str, Any]] = field(default_factory=list)
-    """Sources mixed by their counts: {source: tasks|text|file, count|path, lengths|max_len}."""
+    """Sources mixed by their counts: {source: tasks|text|file, count|path, lengths|max_len}; a tasks
+    source may set write_marks: facts (default) or answer, the tokens its write-gate masks mark."""
     heldout: list[dict[str, Any]] = field(default_factory=list)
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -161,6 +162,9 @@ class Recipe:
             bad = sorted(set(src.get("sources", ())) - set(TEXT_SOURCES))
             if bad:
                 raise ConfigError(f"data[{i}].sources: unknown text sources {bad}; choose from {list(TEXT_SOURCES)}")
+            if src.get("write_marks", "facts") not in ("facts", "answer"):
+                raise ConfigError(f"data[{i}].write_marks must be facts (every stated candidate) or answer "
+                                  f"(only the asked one), got {src['write_marks']!r}")
             weight = src.get("lambda_ce", 0.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
                 raise ConfigError(f"data[{i}].lambda_ce must be a number >= 0, got {weight!r}")

@@ -82,6 +82,8 @@ def build_samples(sources: list[dict], tokenizer, seed: int, split: str) -> list
         if kind == "tasks":
             tasks = tuple(src["tasks"]) if "tasks" in src else None
             kwargs = {"tasks": tasks} if tasks else {}
+            if "write_marks" in src:
+                kwargs["write_marks"] = src["write_marks"]
             new = task_samples(tokenizer, int(src["count"]), lengths, seed=seed + i, split=split, **kwargs)
         elif kind == "text":
             names = tuple(src["sources"]) if "sources" in src else None
