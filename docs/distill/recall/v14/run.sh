@@ -10,7 +10,7 @@
 # whether v10 reproduces: if it does, the 520-step gate stage or the target-only marks made the difference.
 # Steps 1-15 match v9's logged losses to 4 decimals.
 # usage: docs/distill/recall/v14/run.sh [OVERRIDE ...]   (THREADS=N, default 1); run again to continue from
-#        the newest checkpoint in out/recall-v14, in whatever stage it is
+#        the newest checkpoint in out/recall-v14, in whatever stage it is; COMMAND=adapter ... as v5/run.sh
 set -uo pipefail
 here=$(dirname "$0")
 out=out/recall-v14
@@ -18,6 +18,10 @@ tasks="{source: tasks, count: 600, lengths: [384, 768], tasks: [passkey, niah_mu
 text="{source: text, count: 200, lengths: [384, 768], sources: [pydoc, essays, code]}"
 answer_marks="data=[$tasks, write_marks: answer}, $text]"
 fact_marks="data=[$tasks, write_marks: facts}, $text]"
+
+if [ -n "${COMMAND:-}" ]; then  # e.g. COMMAND=adapter ... --checkpoint DIR (evaluate.sh): the last stage's settings
+  exec "$here/../v9/run.sh" train.output_dir=$out "$fact_marks" train.lambda_transfer=1.0 train.steps=1000 "$@"
+fi
 
 newest() { ls -d $out/checkpoints/step-* 2>/dev/null | sort | tail -1 | sed 's/.*step-0*//'; }
 done_step=$(newest); done_step=${done_step:-0}
