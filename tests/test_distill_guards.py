@@ -25,6 +25,7 @@ from test_distill import tiny_recipe
     ("train.decay_fraction=2", "decay_fraction"),
     ("train.init_adapter=3", "train.init_adapter must be str or None"),
     ("dtype=float64", "dtype must be one of float32, bfloat16, float16"),
+    ("train.save_total_limit=1", "save_total_limit must be 0"),
 ])
 def test_recipe_overrides_with_wrong_types_or_ranges_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -128,6 +129,54 @@ def test_cli_reports_a_diverged_run_as_one_error_line(tiny_smollm_dir, tmp_path,
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("error: the loss or gradient was non-finite for 5 steps"), err[-500:]
     assert "Traceback" not in err
+
+
+def test_save_total_limit_keeps_only_the_newest_checkpoints_and_the_run_resumes(tiny_smollm_dir, tmp_path):
+    trainer = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path, steps=6, **{"train.save_total_limit": 2}),
+                             progress=False).setup()
+    trainer.train(stop_after=5)
+    runs = tmp_path / "checkpoints"
+    assert sorted(p.name for p in runs.glob("step-*")) == ["step-000002", "step-000004"]
+    resumed = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path, steps=6, **{"train.save_total_limit": 2}),
+                             resume=True, progress=False).setup()
+    assert resumed.step == 4
+    resumed.train()
+    assert sorted(p.name for p in runs.glob("step-*")) == ["step-000004", "step-000006"]
+
+
+def test_a_full_disk_stops_the_run_with_one_error_line_and_keeps_the_last_checkpoint(tiny_smollm_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Regression: run v14 died at step 840 with a safetensors traceback when the disk filled up."""
+    import yaml
+    from safetensors import SafetensorError
+
+    from allmem import cli
+    from allmem.distill import checkpoint
+
+    real_save, calls = checkpoint.save_file, []
+
+    def save_until_the_disk_is_full(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_until_the_disk_is_full)
+    data = tiny_recipe(tiny_smollm_dir, tmp_path, steps=6).to_dict()
+    data["train"]["betas"] = list(data["train"]["betas"])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rc = cli.main(["distill", "--recipe", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in err, err[-800:]
+    assert last.startswith("error: could not write the checkpoint of step 4") and "No space left" in last, last
+    assert "step-000002 is the newest checkpoint" in last and "--resume" in last, last
+    runs = tmp_path / "checkpoints"
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "step-000002"]  # no temp folder left behind
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    resumed = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path, steps=6), resume=True, progress=False).setup()
+    assert resumed.step == 2
 
 
 def test_loss_accepts_float32_hidden_states_with_a_bf16_head():

@@ -305,13 +305,13 @@ def cmd_read(args) -> int:
 
 def cmd_distill(args) -> int:
     from .distill.recipe import load_recipe
-    from .distill.trainer import DistillTrainer, TrainingDiverged
+    from .distill.trainer import CheckpointSaveError, DistillTrainer, TrainingDiverged
 
     recipe = load_recipe(args.recipe, args.overrides)
     trainer = DistillTrainer(recipe, resume=args.resume, progress=not args.quiet).setup()
     try:
         trainer.train()
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, CheckpointSaveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if trainer.accelerator.is_main_process:

@@ -8,8 +8,9 @@ every process (``random_states_<rank>.pkl``). The frozen base is not saved: it i
 the base model. ``state.json`` also lists the size of every file, so a copy cut short is found
 before anything is applied.
 
-Every checkpoint is kept, so a resume that finds the newest one damaged (a disk filled up, a
-copy cut short) falls back to the one before it and says so.
+Every checkpoint is kept unless ``train.save_total_limit`` keeps only the newest few
+(``prune_checkpoints``, at least two), so a resume that finds the newest one damaged (a disk filled
+up, a copy cut short) falls back to the one before it and says so.
 
 Format 1, written before accelerate's ``save_state`` was used (optimizer and the main process's
 RNG in safetensors + JSON), still resumes. ``save_checkpoint`` without an accelerator (a plain
@@ -199,6 +200,17 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints under ``directory`` (0: delete none); the one
+    ``latest`` names is always kept. Returns what was deleted, oldest last."""
+    if keep <= 0:
+        return []
+    removed = _newest_first(directory)[keep:]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 # ------------------------------------------------------------------ finding

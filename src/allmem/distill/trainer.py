@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..constants import torch_dtype
 from ..modeling import AllMemForCausalLM
-from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from .data import (
     DataError,
     Sample,
@@ -99,6 +99,10 @@ def build_samples(sources: list[dict], tokenizer, seed: int, split: str) -> list
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a folder that is not writable)."""
 
 
 @dataclass
@@ -526,10 +530,24 @@ class DistillTrainer:
                                    f"{self.step}; nothing was saved; lower train.lr and resume from the last checkpoint")
 
     def save(self) -> None:
-        """A checkpoint through accelerate's save_state: every process takes part."""
+        """A checkpoint through accelerate's save_state: every process takes part. Older ones
+        beyond ``train.save_total_limit`` are deleted once the new one is complete."""
+        from safetensors import SafetensorError
+
         self._check_finite_params()  # a checkpoint is never written with non-finite weights
-        save_checkpoint(self.out / "checkpoints", self.step, self.params, self.optimizer, self.scheduler,
-                        {"recipe": self.recipe.name}, self.accelerator)
+        directory = self.out / "checkpoints"
+        try:
+            save_checkpoint(directory, self.step, self.params, self.optimizer, self.scheduler,
+                            {"recipe": self.recipe.name}, self.accelerator)
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+            last = latest_checkpoint(directory)
+            raise CheckpointSaveError(
+                f"could not write the checkpoint of step {self.step} under {directory} ({exc}); the run stopped "
+                f"and {'nothing was saved yet' if last is None else f'{last} is the newest checkpoint'}: free disk "
+                f"space (train.save_total_limit=N keeps only the newest N checkpoints) and rerun with --resume"
+            ) from None
+        if self.accelerator.is_main_process:
+            prune_checkpoints(directory, self.recipe.train.save_total_limit)
 
     def train(self, stop_after: int | None = None) -> list[StepResult]:
         """Run to ``train.steps`` (or stop after ``stop_after`` more steps, to simulate a kill)."""
