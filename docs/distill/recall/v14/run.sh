@@ -7,8 +7,9 @@
 #   steps 671-1000: resumed with train.steps=1000 (the learning rate decaying from step 800).
 # v10 was the only run whose memory returned the code (held-out margin +12.4 at step 1000, taking off from
 # step 700); v13 (250 gate steps, every candidate marked, then transfer to 750) stayed within +-0.6. v14 asks
-# whether v10 reproduces: if it does, the 520-step gate stage or the target-only marks made the difference.
-# Steps 1-15 match v9's logged losses to 4 decimals.
+# whether v10 reproduces. Steps 1-30 match v9's logged losses to 4 decimals (v9 was resumed at 30; from there
+# they differ by ~1e-4). Result (session 11): recall again, later and slower: held-out margin +1.0 from step
+# 800 (6 of 6 prompts), +2.6 at 1000 (v10 +12.4). train.steps=1500 continues it past 1000.
 # usage: docs/distill/recall/v14/run.sh [OVERRIDE ...]   (THREADS=N, default 1); run again to continue from
 #        the newest checkpoint in out/recall-v14, in whatever stage it is; COMMAND=adapter ... as v5/run.sh
 set -uo pipefail
