@@ -34,7 +34,7 @@ run_until() {
   local ckpt; ckpt=$(printf "%s/checkpoints/step-%06d" $out "$stop")
   "$here/../v9/run.sh" train.output_dir=$out "$@" "${resume[@]}" &
   local trainer=$!
-  until [ -f "$ckpt/state.json" ] || [ -f "$ckpt/trainer_state.json" ] || ! kill -0 $trainer 2>/dev/null; do sleep 5; done
+  until [ -f "$ckpt/state.json" ] || ! kill -0 $trainer 2>/dev/null; do sleep 5; done
   sleep 20  # let the checkpoint finish writing
   pkill -P $trainer 2>/dev/null; kill $trainer 2>/dev/null; wait $trainer 2>/dev/null
   [ -d "$ckpt" ] || { echo "error: the stage ending at step $stop stopped before writing $ckpt" >&2; exit 1; }
