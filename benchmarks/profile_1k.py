@@ -4,8 +4,10 @@ real SmolLM2, AllMem-256 (4 sinks, chunk 128, memory on) beside full attention, 
 Two views per system and phase: wall time per component (forward hooks on the memory, the
 whole token mixer, the MLP; the rest is embeddings, norms, LM head and Python) and
 torch.profiler's top operators by self CPU time. Writes benchmarks/results/profile_1k.txt.
+With --compiled, AllMem also runs under ``allmem.set_compiled(True)`` (torch.compile of the
+memory's decode read and per-chunk step; compiled in a warm-up, not timed).
 
-    nice -n 19 .venv/bin/python benchmarks/profile_1k.py [--threads 2] [--length 1024]
+    nice -n 19 .venv/bin/python benchmarks/profile_1k.py [--threads 2] [--length 1024] [--compiled]
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def components(model, allmem_model: bool) -> dict[str, list[torch.nn.Module]]:
 def run_system(system: str, base, prompt, follow, repeats: int) -> tuple[str, dict]:
     """Component table and operator table for prefill and decode of one system."""
     is_allmem = system != "full"
+    allmem.set_compiled(system.endswith("compiled"))
     if is_allmem:
         model = allmem.convert(base, allmem.AllMemConfig(window=256, sinks=4, chunk=128)).eval()
         for layer in model.model.layers:
@@ -89,7 +92,7 @@ def run_system(system: str, base, prompt, follow, repeats: int) -> tuple[str, di
     timer = ComponentTimer(components(model, is_allmem))
     sections, summary = [], {}
     with torch.no_grad():
-        prefill()  # warm-up
+        decode(prefill(), 0)  # warm-up (and compilation)
         for phase in ("prefill", "decode"):
             walls, parts = [], defaultdict(list)
             for r in range(repeats):
@@ -118,6 +121,7 @@ def run_system(system: str, base, prompt, follow, repeats: int) -> tuple[str, di
             lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
             sections.append("\n".join(lines))
     timer.remove()
+    allmem.set_compiled(False)
     return "\n\n".join(sections), summary
 
 
@@ -126,6 +130,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="also AllMem under allmem.set_compiled(True)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "profile_1k.txt")
     args = parser.parse_args()
     if args.length < 1 or args.repeats < 1:
@@ -137,12 +142,14 @@ def main() -> int:
         ids = torch.cat([ids, ids], dim=1)
     prompt, follow = ids[:, : args.length], ids[:, args.length :]
     texts, walls = [], {}
-    for system in ("full", "allmem-256"):
+    systems = ("full", "allmem-256", "allmem-256-compiled") if args.compiled else ("full", "allmem-256")
+    for system in systems:
         text, walls[system] = run_system(system, base, prompt, follow, args.repeats)
         texts.append(text)
     head = [f"{args.length} tokens, {args.threads} threads, torch {torch.__version__}"]
     for phase in ("prefill", "decode"):
-        head.append(f"{phase}: allmem-256 / full = {walls['allmem-256'][phase] / walls['full'][phase]:.2f}")
+        for system in systems[1:]:
+            head.append(f"{phase}: {system} / full = {walls[system][phase] / walls['full'][phase]:.2f}")
     args.out.write_text("\n".join(head) + "\n\n" + "\n\n".join(texts) + "\n")
     print(args.out.read_text())
     return 0

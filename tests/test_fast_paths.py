@@ -75,3 +75,36 @@ def test_no_grad_and_autograd_paths_agree_in_float32():
     o2, state2 = chunk_ttt(*args, chunk_size=64)
     torch.testing.assert_close(o, o2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.weights.w3, state2.weights.w3, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_memory_decodes_as_the_eager_prefill():
+    """``allmem.set_compiled``: the decode step's read (one graph for every layer) and the chunk
+    op's read and write through torch.compile give the eager model's logits, token by token across
+    chunk writes, in float64; the compiled graph is shared by the layers (no recompile per layer)."""
+    import torch._dynamo
+    from tiny_models import ids, randomise_memory, tiny_base
+
+    import allmem
+    from allmem import memory
+
+    model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
+    x = ids(2, 14)
+    with torch.no_grad():
+        prefill = model(x, use_cache=False).logits
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        allmem.set_compiled(True)
+        assert memory._DECODE_READ["fn"] is not memory.decode_read
+        with torch.no_grad():
+            cache = model.new_cache()
+            head = model(x[:, :5], cache=cache).logits
+            steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(5, x.shape[1])]
+    finally:
+        allmem.set_compiled(False)
+    torch.testing.assert_close(torch.cat([head, *steps], dim=1), prefill)
+    assert memory._DECODE_READ["fn"] is memory.decode_read
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert len(model.model.layers) >= 2
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(memory.decode_read.__code__)) == 1

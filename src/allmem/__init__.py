@@ -5,6 +5,7 @@ from .cache import AllMemCache
 from .config import AllMemConfig, ConfigError
 from .constants import DEFAULT_BASE
 from .convert import SUPPORTED_FAMILIES, UnsupportedModelError, calibrate_centre, convert, from_pretrained
+from .memory import set_compiled
 from .modeling import AdapterMismatchError, AllMemForCausalLM, AllMemPretrainedConfig
 
 
@@ -28,5 +29,6 @@ __all__ = [
     "convert",
     "from_pretrained",
     "load_base",
+    "set_compiled",
 ]
 __version__ = "0.1.0"

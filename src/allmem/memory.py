@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import AllMemConfig
 from .ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms, swiglu_read, ttt_update
+from .ops.ttt import set_compiled as set_chunk_compiled
 
 
 class RMSNorm(nn.Module):
@@ -202,8 +203,29 @@ class AllMemMemory(nn.Module):
                 "start a new cache after changing the chunk size"
             )
 
+        if decode:
+            o, k, v, eta, beta_logits, conv_state = _DECODE_READ["fn"](self, x, state.conv, state.weights, config)
+            new_state = self._decode_write(k, v, eta, beta_logits, state, config)
+            new_state.conv = conv_state
+            return o, new_state
+
+        q, k, v, eta, beta_logits, conv_state = self._project(x, valid, state.conv, seq_lens, config)
+        # the read/write op runs in the state's dtype (float32 for bf16/fp16 activations), with
+        # autocast off so that its matmuls are not cast back down; the read returns to x.dtype
+        wide = q.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            norms = self._reference_norms(batch, wide, config)
+            o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
+        if new_state is not None:
+            new_state.conv = conv_state
+        return self._output(o, x), new_state
+
+    def _project(self, x, valid, conv_state, seq_lens, config: AllMemConfig):
+        """x [B, T, d] -> q, k, v [B, H, T, d_h], eta and bias-free beta logits [B, H, T], all in
+        ``state_dtype(x.dtype)``, and the conv state after x. ``valid`` [B, T, 1] masks padding
+        (None: every row has one real token, the decode step)."""
         qkv = self._qkv(x)  # [B, T, 3 Hd]
-        qkv, conv_state = self._conv(qkv, state.conv, seq_lens, one_each=decode)
+        qkv, conv_state = self._conv(qkv, conv_state, seq_lens, one_each=valid is None)
         q, k, v = self._features(qkv).split(self.width, dim=-1)
         q = self._heads(F.normalize(self._split(self.q_norm(q)), dim=-1))  # [B, H, T, d_h]
         k = self._heads(F.normalize(self._split(self.k_norm(k)), dim=-1))
@@ -213,24 +235,15 @@ class AllMemMemory(nn.Module):
         eta = F.softplus(self.eta_proj(x))
         eta = (eta if valid is None else eta * valid).transpose(1, 2)  # [B, H, T]
         beta_logits = F.linear(x, self.beta_proj.weight).transpose(1, 2)  # [B, H, T], bias-free
-
-        # the read/write op runs in the state's dtype (float32 for bf16/fp16 activations), with
-        # autocast off so that its matmuls are not cast back down; the read returns to x.dtype
         wide = state_dtype(x.dtype)
-        q, k, v, eta, beta_logits = (t.to(wide) for t in (q, k, v, eta, beta_logits))
-        with torch.autocast(x.device.type, enabled=False):
-            if decode:
-                o, new_state = self._decode_step(q, k, v, eta, beta_logits, state, config)
-            else:
-                norms = self._reference_norms(batch, wide, config)
-                o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
-        o = o.to(x.dtype)
-        if new_state is not None:
-            new_state.conv = conv_state
+        return (*(t.to(wide) for t in (q, k, v, eta, beta_logits)), conv_state)
 
-        o = o.transpose(1, 2).reshape(batch, length, self.width)
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The read o [B, H, T, d_h] -> the memory's output [B, T, d]: per-head norm, gate, projection."""
+        batch, length = x.shape[:2]
+        o = o.to(x.dtype).transpose(1, 2).reshape(batch, length, self.width)
         o = self.out_norm(o) * torch.sigmoid(self.gate_proj(x))
-        return self.o_proj(o), new_state
+        return self.o_proj(o)
 
     def _features(self, qkv: torch.Tensor) -> torch.Tensor:
         """silu of the conv output [B, T, 3 H d_h], centred when the memory has a feature mean."""
@@ -258,7 +271,8 @@ class AllMemMemory(nn.Module):
         depended on the thread count in its last bits, and a chat session resumed in a process
         with another thread count no longer continued exactly."""
         weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        grad = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+        if grad or torch.compiler.is_compiling():  # compiled: no cache to mutate, the compiler fuses
             return torch.cat([F.linear(x, w) for w in weights], dim=-1)
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
         cached = getattr(self, "_qkv_cache", None)
@@ -280,8 +294,8 @@ class AllMemMemory(nn.Module):
         else:
             out = F.conv1d(full.transpose(1, 2), self.conv_weight.unsqueeze(1).to(inputs.dtype),
                            groups=full.shape[-1]).transpose(1, 2)
-        if one_each:
-            return out, full[:, 1:]
+        if one_each:  # contiguous: the same strides as after a prefill, so one compiled decode graph serves both
+            return out, full[:, 1:].contiguous()
         idx = seq_lens[:, None] + torch.arange(kernel - 1, device=inputs.device)[None]  # [B, K-1]
         new_state = full.gather(1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
         return out, new_state
@@ -300,14 +314,10 @@ class AllMemMemory(nn.Module):
     def _beta(self, logits_sum: torch.Tensor, count: int) -> torch.Tensor:
         return torch.sigmoid(logits_sum / count + self.beta_proj.bias.view(-1, *([1] * (logits_sum.dim() - 2))))
 
-    def _decode_step(self, q, k, v, eta, beta_logits, state: MemoryState, config):
-        """One token per row: read, append to the partial chunk, write rows whose chunk filled."""
-        batch = q.shape[0]
+    def _decode_write(self, k, v, eta, beta_logits, state: MemoryState, config) -> MemoryState:
+        """Append one token per row to the partial chunk; write the rows whose chunk filled."""
+        batch = k.shape[0]
         chunk = config.chunk
-        flat_state = self._state_flat(state, q.dtype)
-        o = swiglu_read(self._flat(q), flat_state.weights)  # [BH, 1, d]
-        if not config.read_residual:
-            o = o - self._flat(q)
         buffer_k, buffer_v = _write_slot(state.buffer_k, k, state.fill), _write_slot(state.buffer_v, v, state.fill)
         buffer_eta = _write_slot(state.buffer_eta, eta, state.fill)
         buffer_beta = _write_slot(state.buffer_beta, beta_logits, state.fill)
@@ -316,16 +326,17 @@ class AllMemMemory(nn.Module):
         weights, momentum = state.weights, state.momentum
         if bool(full.any()):
             beta = self._beta(buffer_beta.sum(-1), chunk)  # [B, H]
-            new = ttt_update(
-                flat_state, *(self._flat(b).to(q.dtype) for b in (buffer_k, buffer_v, buffer_eta)),
-                self._flat(beta), self._reference_norms(batch, q.dtype, config), loss=config.inner_loss, clip=config.clip, eps=config.norm_eps,
-                apply=full.repeat_interleave(self.heads), residual=config.read_residual,
-            )
+            with torch.autocast(k.device.type, enabled=False):
+                new = ttt_update(
+                    self._state_flat(state, k.dtype), *(self._flat(b).to(k.dtype) for b in (buffer_k, buffer_v, buffer_eta)),
+                    self._flat(beta), self._reference_norms(batch, k.dtype, config), loss=config.inner_loss,
+                    clip=config.clip, eps=config.norm_eps, apply=full.repeat_interleave(self.heads),
+                    residual=config.read_residual,
+                )
             weights = FastWeights(*(self._unflat(w, batch) for w in new.weights))
             momentum = FastWeights(*(self._unflat(m, batch) for m in new.momentum))
             fill = torch.where(full, torch.zeros_like(fill), fill)
-        new_state = MemoryState(weights, momentum, buffer_k, buffer_v, buffer_eta, buffer_beta, fill, state.conv)
-        return self._unflat(o, batch), new_state
+        return MemoryState(weights, momentum, buffer_k, buffer_v, buffer_eta, buffer_beta, fill, state.conv)
 
     def _segment(self, q, k, v, eta, beta_logits, state: MemoryState, norms, seq_lens, config, keep_state):
         """Many tokens: prepend each row's partial chunk, run the chunked op, re-buffer the tail."""
@@ -394,3 +405,31 @@ class AllMemMemory(nn.Module):
             buffer_beta=rebuffer(beta_c), fill=new_fill, conv=state.conv,
         )
         return o, new_state
+
+
+def decode_read(memory: AllMemMemory, x: torch.Tensor, conv_state: torch.Tensor, weights: FastWeights,
+                config: AllMemConfig):
+    """One decode token per row through the memory, without the write: x [B, 1, d] ->
+    (output [B, 1, d], k, v [B, H, 1, d_h], eta, beta logits [B, H, 1], conv state). No
+    data-dependent branch, so ``torch.compile`` takes it whole (``set_compiled``)."""
+    batch = x.shape[0]
+    q, k, v, eta, beta_logits, conv_state = memory._project(x, None, conv_state, None, config)
+    with torch.autocast(x.device.type, enabled=False):
+        flat_weights = FastWeights(*(memory._flat(w).to(q.dtype) for w in weights))
+        z = memory._flat(q)
+        o = swiglu_read(z, flat_weights)  # [BH, 1, d]
+        if not config.read_residual:
+            o = o - z
+    return memory._output(memory._unflat(o, batch), x), k, v, eta, beta_logits, conv_state
+
+
+_DECODE_READ = {"fn": decode_read}
+
+
+def set_compiled(enabled: bool = True) -> None:
+    """Run the memory through ``torch.compile``: the decode step's read (projections, conv,
+    norms, fast-weight read, gate, output; one graph shared by every layer) and the chunked
+    op's per-chunk read and write (``allmem.ops.ttt.set_compiled``). The first call of each
+    shape compiles (seconds); results match eager to rounding, not bit for bit. False: eager."""
+    set_chunk_compiled(enabled)
+    _DECODE_READ["fn"] = torch.compile(decode_read, dynamic=False) if enabled else decode_read
