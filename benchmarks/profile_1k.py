@@ -64,14 +64,12 @@ def components(model, allmem_model: bool) -> dict[str, list[torch.nn.Module]]:
     return out
 
 
-def run_system(system: str, base, prompt, follow, repeats: int) -> tuple[str, dict]:
-    """Component table and operator table for prefill and decode of one system."""
+def run_system(system: str, model, prompt, follow, repeats: int) -> tuple[str, dict]:
+    """Component table and operator table for prefill and decode of one system (``model``: the
+    base for "full", else the converted model)."""
     is_allmem = system != "full"
     allmem.set_compiled(system.endswith("compiled"))
     if is_allmem:
-        model = allmem.convert(base, allmem.AllMemConfig(window=256, sinks=4, chunk=128)).eval()
-        for layer in model.model.layers:
-            layer.self_attn.alpha.data.fill_(0.1)
 
         def prefill():
             cache = model.new_cache()
@@ -81,8 +79,6 @@ def run_system(system: str, base, prompt, follow, repeats: int) -> tuple[str, di
         def decode(cache, t):
             model(follow[:, t : t + 1], cache=cache)
     else:
-        model = base
-
         def prefill():
             return model(prompt, use_cache=True, logits_to_keep=1).past_key_values
 
@@ -143,8 +139,13 @@ def main() -> int:
     prompt, follow = ids[:, : args.length], ids[:, args.length :]
     texts, walls = [], {}
     systems = ("full", "allmem-256", "allmem-256-compiled") if args.compiled else ("full", "allmem-256")
+    converted = None
     for system in systems:
-        text, walls[system] = run_system(system, base, prompt, follow, args.repeats)
+        if system != "full" and converted is None:  # convert() takes the base's layers: once, after "full"
+            converted = allmem.convert(base, allmem.AllMemConfig(window=256, sinks=4, chunk=128)).eval()
+            for layer in converted.model.layers:
+                layer.self_attn.alpha.data.fill_(0.1)
+        text, walls[system] = run_system(system, base if system == "full" else converted, prompt, follow, args.repeats)
         texts.append(text)
     head = [f"{args.length} tokens, {args.threads} threads, torch {torch.__version__}"]
     for phase in ("prefill", "decode"):
