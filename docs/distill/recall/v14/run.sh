@@ -9,7 +9,8 @@
 # step 700); v13 (250 gate steps, every candidate marked, then transfer to 750) stayed within +-0.6. v14 asks
 # whether v10 reproduces. Steps 1-30 match v9's logged losses to 4 decimals (v9 was resumed at 30; from there
 # they differ by ~1e-4). Result (session 11): recall again, later and slower: held-out margin +1.0 from step
-# 800 (6 of 6 prompts), +2.6 at 1000 (v10 +12.4). train.steps=1500 continues it past 1000.
+# 800 (6 of 6 prompts), +2.6 at 1000 (v10 +12.4). Session 12, train.steps=1500 (resumed at 1060): +18.9 at
+# 1500, above full attention's +13.4; passkey 1k/2k/4k exact 16.7 %, digits in place 67/57/58 %, margin ~+20.
 # usage: docs/distill/recall/v14/run.sh [OVERRIDE ...]   (THREADS=N, default 1); run again to continue from
 #        the newest checkpoint in out/recall-v14, in whatever stage it is; COMMAND=adapter ... as v5/run.sh
 set -uo pipefail
