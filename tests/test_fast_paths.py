@@ -3,9 +3,13 @@ the token-by-token reference, float64."""
 
 import pytest
 import torch
+import torch._dynamo
 
+import allmem
+from allmem import memory
 from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
 from allmem.ops.ttt.naive import naive_ttt
+from tiny_models import ids, randomise_memory, tiny_base
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 
@@ -81,12 +85,6 @@ def test_compiled_memory_decodes_as_the_eager_prefill():
     """``allmem.set_compiled``: the decode step's read (one graph for every layer) and the chunk
     op's read and write through torch.compile give the eager model's logits, token by token across
     chunk writes, in float64; the compiled graph is shared by the layers (no recompile per layer)."""
-    import torch._dynamo
-    from tiny_models import ids, randomise_memory, tiny_base
-
-    import allmem
-    from allmem import memory
-
     model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
     x = ids(2, 14)
     with torch.no_grad():
