@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import AllMemConfig
 from .ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms, swiglu_read, ttt_update
-from .ops.ttt import set_compiled as set_chunk_compiled
+from .ops.ttt import set_compiled as set_chunk_compiled  # memory.set_compiled covers both
 
 
 class RMSNorm(nn.Module):
@@ -212,9 +212,8 @@ class AllMemMemory(nn.Module):
         q, k, v, eta, beta_logits, conv_state = self._project(x, valid, state.conv, seq_lens, config)
         # the read/write op runs in the state's dtype (float32 for bf16/fp16 activations), with
         # autocast off so that its matmuls are not cast back down; the read returns to x.dtype
-        wide = q.dtype
         with torch.autocast(x.device.type, enabled=False):
-            norms = self._reference_norms(batch, wide, config)
+            norms = self._reference_norms(batch, q.dtype, config)
             o, new_state = self._segment(q, k, v, eta, beta_logits, state, norms, seq_lens, config, keep_state)
         if new_state is not None:
             new_state.conv = conv_state
