@@ -36,15 +36,18 @@ def main() -> int:
     parser.add_argument("--to", type=Path, required=True)
     parser.add_argument("--loss-png", type=Path, default=Path("docs/distill/smollm2-cpu-loss.png"))
     parser.add_argument("--warm-start", type=Path, default=None,
-                        help="the shipped folder the run warm-started from (its card's steps, tokens and hours "
-                             "are added to the totals, and its recipe kept as warm-start-recipe.yaml)")
+                        help="what the run warm-started from: a shipped folder (its card's steps, tokens and hours "
+                             "are added to the totals, and its recipe kept as warm-start-recipe.yaml) or the "
+                             "metrics.jsonl of an earlier run (its totals are added; name it with --warm-start-command)")
+    parser.add_argument("--warm-start-command", default=None,
+                        help="with --warm-start METRICS.jsonl: the command that trained the earlier run")
     args = parser.parse_args()
 
     import yaml
 
     import allmem
     from allmem.distill.recipe import load_recipe
-    from allmem.distill.report import plot_loss_curve, read_metrics
+    from allmem.distill.report import plot_loss_curve, run_totals
     from allmem.files import file_sha256
 
     model = allmem.from_pretrained(args.adapter or args.run / "adapter")
@@ -53,18 +56,23 @@ def main() -> int:
     size_mb = weights.stat().st_size / 1e6
     if size_mb > MAX_MB:
         raise SystemExit(f"{weights} is {size_mb:.1f} MB, over the {MAX_MB} MB budget")
-    steps, _ = read_metrics(args.run / "metrics.jsonl")
-    tokens = sum(r["tokens"] for r in steps)
-    hours = sum(r.get("elapsed_s", 0) for r in steps[-1:]) / 3600
+    this_run = run_totals(args.run / "metrics.jsonl")
+    steps, tokens, hours = this_run["steps"], this_run["tokens"], this_run["hours"]
     history = ""
-    if args.warm_start is not None:
+    if args.warm_start is not None and args.warm_start.suffix == ".jsonl":
+        if not args.warm_start_command:
+            raise SystemExit("error: --warm-start METRICS.jsonl needs --warm-start-command (the command of that run)")
+        prior = {**run_totals(args.warm_start), "command": args.warm_start_command}
+        history = (f"Warm-started from an earlier run: {prior['steps']} steps, {prior['tokens']:,} tokens, "
+                   f"{prior['hours']:.2f} h of `{prior['command']}`. ")
+    elif args.warm_start is not None:
         prior = json.loads((args.warm_start / "training.json").read_text())
         shutil.copyfile(args.warm_start / "recipe.yaml", args.to / "warm-start-recipe.yaml.tmp")
         history = (f"Warm-started from an earlier adapter: {prior['steps']} steps, {prior['tokens']:,} tokens, "
                    f"{prior['hours']:.2f} h of `{prior['command']}` (its recipe: `warm-start-recipe.yaml`). ")
-        totals = {"steps": prior["steps"] + len(steps), "tokens": prior["tokens"] + tokens, "hours": prior["hours"] + hours}
     else:
-        totals = {"steps": len(steps), "tokens": tokens, "hours": hours}
+        prior = {"steps": 0, "tokens": 0, "hours": 0.0}
+    totals = {"steps": prior["steps"] + steps, "tokens": prior["tokens"] + tokens, "hours": prior["hours"] + hours}
     if args.set:
         resolved = load_recipe(args.recipe, args.set).to_dict()
         (args.to / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -73,7 +81,7 @@ def main() -> int:
     if (args.to / "warm-start-recipe.yaml.tmp").exists():
         (args.to / "warm-start-recipe.yaml.tmp").replace(args.to / "warm-start-recipe.yaml")
     (args.to / "training.json").write_text(json.dumps({**totals, "command": args.command, "this_run": {
-        "steps": len(steps), "tokens": tokens, "hours": round(hours, 3)}}, indent=1) + "\n")
+        "steps": steps, "tokens": tokens, "hours": round(hours, 3)}}, indent=1) + "\n")
     plot_loss_curve(args.run / "metrics.jsonl", args.loss_png)
     digest = file_sha256(weights)
     n_params = sum(p.numel() for p in model.memory_parameters().values())
@@ -95,7 +103,7 @@ Trained with (recipe copied here as `recipe.yaml`):
 
     {args.command}
 
-{history}This run: {len(steps)} steps, {tokens:,} tokens, {hours:.2f} h.
+{history}This run: {steps} steps, {tokens:,} tokens, {hours:.2f} h.
 
 Data: the recipe's built-in offline corpus, training split only (documents whose name
 hash is not 0 mod 5): plain text windows (pydoc_data.topics, the Paul Graham essays of the
@@ -115,7 +123,7 @@ nondeterminism of the threads.
 """
     (args.to / "README.md").write_text(card)
     (args.to / "SHA256SUMS").write_text(f"{digest}  adapter.safetensors\n")
-    print(json.dumps({"to": str(args.to), "sha256": digest, "mb": round(size_mb, 2), "steps": len(steps),
+    print(json.dumps({"to": str(args.to), "sha256": digest, "mb": round(size_mb, 2), "steps": steps,
                       "tokens": tokens}, indent=1))
     return 0
 

@@ -19,6 +19,7 @@ from allmem.distill.checkpoint import save_checkpoint
 from allmem.distill.data import DataError, chat_sample, collate, length_grouped_batches, to_messages
 from allmem.distill.losses import chunked_distill_loss, scored_positions
 from allmem.distill.recipe import TrainSettings, load_recipe
+from allmem.distill.report import run_totals
 from allmem.distill.trainer import DistillTrainer, draw_runtime, lr_schedule
 from tiny_models import tiny_base
 
@@ -209,6 +210,36 @@ def test_only_memory_trains_and_resume_reproduces_the_uninterrupted_run(tiny_smo
     assert old.step == 2
     torch.testing.assert_close(torch.tensor([r.loss for r in old.train()]), torch.tensor(tail), rtol=1e-5, atol=1e-6)
     assert (tmp_path / "old" / "checkpoints" / "step-000004" / "random_states_0.pkl").is_file()  # then the new format
+
+
+def test_resume_forgets_replayed_steps_and_keeps_counting_time(tiny_smollm_dir, tmp_path):
+    """A run killed after step 3 (checkpoint at 2) trains step 3 again on resume: metrics.jsonl
+    must hold each step once (else a card counts its tokens twice) and elapsed_s must keep
+    growing across the resume (else a card's hours are those of the last segment only)."""
+    first = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path), progress=False).setup()
+    first.train(stop_after=3)
+    path = tmp_path / "metrics.jsonl"
+    before = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in before] == [1, 2, 3]
+    resumed = DistillTrainer(tiny_recipe(tiny_smollm_dir, tmp_path), resume=True, progress=False).setup()
+    assert resumed.step == 2
+    resumed.train()
+    after = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert after[:2] == before[:2]
+    elapsed = [r["elapsed_s"] for r in after]
+    assert elapsed == sorted(elapsed) and elapsed[2] > before[1]["elapsed_s"]
+
+
+def test_run_totals_count_a_replayed_step_once_and_add_the_restarted_clock(tmp_path):
+    """metrics.jsonl written before resumes forgot replayed steps: steps 1-3, killed, resumed at 2."""
+    rows = [(1, 10, 5.0), (2, 20, 10.0), (3, 30, 15.0), (3, 31, 4.0), (4, 40, 8.0)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "tokens": n, "elapsed_s": e}) + "\n" for s, n, e in rows)
+                    + json.dumps({"step": 4, "eval": {"allmem_ppl": 9.0}}) + "\n")
+    totals = run_totals(path)
+    assert totals["steps"] == 4 and totals["tokens"] == 10 + 20 + 31 + 40
+    assert totals["hours"] == pytest.approx((15.0 + 8.0) / 3600)
 
 
 def test_evaluation_reuses_the_teacher_and_swa_references_exactly(tiny_smollm_dir, tmp_path):

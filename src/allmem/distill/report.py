@@ -20,6 +20,22 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return steps, evals
 
 
+def run_totals(path: str | Path) -> dict:
+    """Steps, tokens and hours of a run from its metrics.jsonl. A step logged twice (files
+    written before resumes dropped the replayed steps) counts once, its last record; hours sum
+    the segments where ``elapsed_s`` restarted (such a file's clock restarted at each resume)."""
+    steps, _ = read_metrics(path)
+    last = {r["step"]: r for r in steps}
+    seconds, previous = 0.0, 0.0
+    for record in steps:
+        elapsed = record.get("elapsed_s", 0.0)
+        if elapsed < previous:
+            seconds += previous
+        previous = elapsed
+    return {"steps": len(last), "tokens": sum(r["tokens"] for r in last.values()),
+            "hours": (seconds + previous) / 3600}
+
+
 def _running_mean(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
             for i in range(len(values))]

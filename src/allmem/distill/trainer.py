@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..constants import torch_dtype
+from ..files import atomic_temp_file
 from ..modeling import AllMemForCausalLM
 from .checkpoint import latest_checkpoint, prune_checkpoints, resume_checkpoint, save_checkpoint
 from .data import (
@@ -131,6 +132,7 @@ class DistillTrainer:
         self.out = Path(recipe.train.output_dir)
         self.step = 0
         self.bad_in_a_row = 0  # consecutive skipped (non-finite) steps
+        self.elapsed_before = 0.0  # seconds the run trained before this process resumed it
 
     # -------------------------------------------------------------- setup
     def setup(self) -> "DistillTrainer":
@@ -239,7 +241,24 @@ class DistillTrainer:
             return
         path, meta = found
         self.step = int(meta["step"])
+        if self.accelerator.is_main_process:
+            self.elapsed_before = self._forget_replayed_metrics()
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _forget_replayed_metrics(self) -> float:
+        """Drop the records of steps after the resumed checkpoint from metrics.jsonl (they are
+        trained again, and counted twice their tokens and curves would be) and return the seconds
+        the kept steps took, so ``elapsed_s`` keeps counting the whole run across resumes."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return 0.0
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if r["step"] <= self.step]
+        tmp = atomic_temp_file(self.out, path.name)
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+        trained = [r for r in kept if "eval" not in r]
+        return float(trained[-1].get("elapsed_s", 0.0)) if trained else 0.0
 
     # ---------------------------------------------------------------- data
     def _micro_batch(self, step: int, micro: int) -> list[Sample]:
@@ -569,7 +588,7 @@ class DistillTrainer:
             bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{rate:.0f}", **{k[0].upper(): v for k, v in self.last_runtime.items()})
             self._log({"step": self.step, "loss": res.loss, "kl": res.kl, "ce": res.ce, "tokens": res.tokens,
                        "source": self.last_sources, "skipped": res.skipped, "tok_s": rate,
-                       "lr": self.last_lr, "elapsed_s": elapsed, **self.last_runtime,
+                       "lr": self.last_lr, "elapsed_s": self.elapsed_before + elapsed, **self.last_runtime,
                        **({} if res.gate_log10_ratio is None else {"gate_log10_ratio": res.gate_log10_ratio}),
                        **({} if res.transfer_error is None else {"transfer_error": res.transfer_error}),
                        **({} if res.needle_error is None else {"needle_error": res.needle_error})})
