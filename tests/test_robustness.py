@@ -178,8 +178,13 @@ def test_a_shipped_adapter_is_checked_against_its_sha256sums_once_per_process(tm
         allmem.from_pretrained("tiny-shipped", base=tiny_base("qwen3"))
 
 
-def test_the_shipped_adapter_matches_its_sha256sums():
-    modeling.verify_sha256sums(modeling.SHIPPED_ADAPTERS["smollm2-allmem"], required=True)
+@pytest.mark.parametrize("name", ["smollm2-allmem", "smollm2-allmem-recall"])
+def test_the_shipped_adapters_match_their_sha256sums_and_cards(name):
+    folder = modeling.SHIPPED_ADAPTERS[name]
+    modeling.verify_sha256sums(folder, required=True)
+    assert (folder / "adapter.safetensors").stat().st_size <= 40e6
+    digest = (folder / "SHA256SUMS").read_text().split()[0]
+    assert digest in (folder / "README.md").read_text() and (folder / "recipe.yaml").is_file()
 
 
 # ------------------------------------------------ `allmem chat/read --session F`
