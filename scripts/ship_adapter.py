@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--warm-start-command", default=None,
                         help="with --warm-start METRICS.jsonl: the command that trained the earlier run")
     args = parser.parse_args()
+    if args.warm_start is not None and args.warm_start.suffix == ".jsonl" and not args.warm_start_command:
+        parser.error("--warm-start METRICS.jsonl needs --warm-start-command (the command that trained that run)")
 
     import yaml
 
@@ -60,8 +62,6 @@ def main() -> int:
     steps, tokens, hours = this_run["steps"], this_run["tokens"], this_run["hours"]
     history = ""
     if args.warm_start is not None and args.warm_start.suffix == ".jsonl":
-        if not args.warm_start_command:
-            raise SystemExit("error: --warm-start METRICS.jsonl needs --warm-start-command (the command of that run)")
         prior = {**run_totals(args.warm_start), "command": args.warm_start_command}
         history = (f"Warm-started from an earlier run: {prior['steps']} steps, {prior['tokens']:,} tokens, "
                    f"{prior['hours']:.2f} h of `{prior['command']}`. ")

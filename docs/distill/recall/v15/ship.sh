@@ -1,6 +1,8 @@
 #!/bin/bash
 # Ship run v15's final adapter as `smollm2-allmem-recall` (scripts/ship_adapter.py): bf16 weights, the recipe as the
 # run resolved it (v5's, v9's and v15's overrides in that order), the card with v14's and v15's steps, tokens and hours.
+# The overrides are listed again here because a run does not save its resolved recipe; the result is committed as
+# src/allmem/adapters/smollm2-allmem-recall/recipe.yaml, which is what to read.
 # usage: docs/distill/recall/v15/ship.sh   (after docs/distill/recall/v15/run.sh finished in out/recall-v15)
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
