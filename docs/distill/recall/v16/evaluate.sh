@@ -28,7 +28,7 @@ if [ "$1" != references ]; then
 fi
 export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 .venv/bin/allmem eval ppl --quiet --systems "${systems[@]}" --lengths 2048 --buckets 0 256 512 2048 --docs 4 --out $out/ppl
-cp $out/ppl/ppl.md $here/ppl-2k-$tag.md
+[ $tag = references ] || cp $out/ppl/ppl.md $here/ppl-2k-$tag.md
 .venv/bin/allmem eval synthetic --quiet --systems "${systems[@]}" --tasks passkey --lengths 1024 2048 4096 \
   --depths 0.1 0.3 0.5 --samples 4 --split heldout --margin --out $out/passkey
-cp $out/passkey/summary.md $here/passkey-$tag.md
+[ $tag = references ] || cp $out/passkey/summary.md $here/passkey-$tag.md
