@@ -336,17 +336,17 @@ def test_two_process_run_killed_and_resumed_reproduces_the_losses(tiny_smollm_di
 
 @pytest.mark.real_model
 def test_a_few_dozen_steps_of_the_cpu_recipe_lower_the_heldout_loss(tmp_path):
-    """The smollm2-cpu recipe on the real SmolLM2, shrunk to 512-token text and a 64-token window.
+    """The smollm2-cpu recipe on the real SmolLM2, shrunk to ~350-token text and a 64-token window.
 
-    Measured when written: held-out KL 0.2925 -> 0.2876 after 24 steps, perplexity SWA 19.95,
-    AllMem 19.70, full attention 14.17 (the memory has only started to help; see docs).
+    Measured when written: held-out KL 0.3104 -> 0.3070 after 16 steps, perplexity SWA 23.69,
+    AllMem 23.19, full attention 17.03 (the memory has only started to help; see docs).
     """
     recipe = load_recipe("smollm2-cpu", [
-        f"train.output_dir={tmp_path}", "train.steps=24", "train.save_every=0", "train.eval_every=0",
-        "train.warmup_steps=2", "train.lr=1e-3", "train.alpha_lr_mult=1", "allmem.window=64", "allmem.chunk=32",
+        f"train.output_dir={tmp_path}", "train.steps=16", "train.save_every=0", "train.eval_every=0",
+        "train.warmup_steps=2", "train.lr=3e-3", "train.alpha_lr_mult=3", "allmem.window=64", "allmem.chunk=32",
         "randomize={window: [48, 96], sinks: [1, 4], chunk: [16, 48]}",
-        "data=[{source: text, count: 40, lengths: [448, 512]}]",
-        "heldout=[{source: text, count: 4, lengths: [512, 512]}]",
+        "data=[{source: text, count: 24, lengths: [320, 384]}]",
+        "heldout=[{source: text, count: 4, lengths: [384, 384]}]",
     ])
     trainer = DistillTrainer(recipe, progress=False).setup()
     before = trainer.evaluate()
