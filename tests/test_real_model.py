@@ -61,8 +61,9 @@ def test_adapter_round_trip_and_decode_on_smollm2(tmp_path, smollm2_ids):
 
 def test_the_recall_adapter_carries_a_passkey_far_past_its_window():
     """smollm2-allmem-recall: on held-out passkey prompts of 768 tokens with the key 400-700 tokens
-    back (window 64), the memory prefers the right 5-digit code over a wrong one by many nats;
-    SWA + sinks (the same model, memory off) cannot see the key and has no preference."""
+    back (window 64), the memory prefers the right 5-digit code over a wrong one by many nats
+    (+34.5 for the v16 memory shipped in session 15); SWA + sinks (the same model, memory off)
+    cannot see the key and has no preference (-0.85)."""
     import random
 
     from allmem.distill.tasks import make_example
@@ -76,7 +77,7 @@ def test_the_recall_adapter_carries_a_passkey_far_past_its_window():
     allmem_margin = recall_margins(logits_logprob_fn(allmem_logits_fn(model)), items).mean
     swa_margin = recall_margins(logits_logprob_fn(swa_logits_fn(model)), items).mean
     print(f"recall margin: AllMem {allmem_margin:+.2f} nats, SWA + sinks {swa_margin:+.2f}")
-    assert abs(swa_margin) < 3 and allmem_margin > 8
+    assert abs(swa_margin) < 3 and allmem_margin > 20
 
 
 def test_the_shipped_adapter_loads_matches_its_checksum_and_helps_on_heldout_text():

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../../../.."
 out=out/recall-v16
 here=docs/distill/recall/v16
 v15=out/recall-v15
-v15_adapter=$v15/adapter-step-000400; [ -f $v15_adapter/adapter.safetensors ] || v15_adapter=smollm2-allmem-recall  # its bf16 copy
+v15_adapter=$v15/adapter-step-000400; [ -f $v15_adapter/adapter.safetensors ] || v15_adapter=$(docs/distill/recall/v15/shipped.sh)  # its bf16 copy
 systems=(full:smollm2 "swa:smollm2?window=64&sinks=4" "allmem:$v15_adapter?name=v15 400 (W 64)")
 mkdir -p $out/ppl/nll $out/passkey
 for name in full_smollm2 swa_smollm2_window_64_sinks_4 v15_400_W_64; do  # session 13's, same settings

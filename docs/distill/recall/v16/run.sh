@@ -6,8 +6,8 @@
 # Result (session 14): held-out margin +18.96, ppl 12.93; window 64 passkey exact 58/67/67 % at 1k/2k/4k (v15 25/8/17).
 # usage: docs/distill/recall/v16/run.sh [OVERRIDE ...] [--resume]   (THREADS=N, default 1); COMMAND=adapter as v5
 here=$(dirname "$0")
-# session 14 started from v15's fp32 step-400 adapter; where it is gone, the shipped bf16 copy of it
-init=out/recall-v15/adapter-step-000400; [ -f $init/adapter.safetensors ] || init=src/allmem/adapters/smollm2-allmem-recall
+# session 14 started from v15's fp32 step-400 adapter; where it is gone, the bf16 copy of it shipped in session 13
+init=out/recall-v15/adapter-step-000400; [ -f $init/adapter.safetensors ] || init=$("$here/../v15/shipped.sh")
 tasks="{source: tasks, count: 400, lengths: [1024, 2048], tasks: [passkey, niah_multikey, niah_multivalue, kv_retrieval, fact_recall], lambda_ce: 1.0, write_marks: facts}"
 text="{source: text, count: 400, lengths: [512, 1024], sources: [pydoc, essays, code]}"
 exec "$here/../v9/run.sh" train.output_dir=out/recall-v16 train.init_adapter=$init \
