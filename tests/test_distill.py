@@ -75,6 +75,52 @@ def test_chunked_loss_equals_unchunked_reference_and_ignores_masked_positions(ch
     assert math.isclose(float(again.loss.detach()), float(got.loss.detach()), rel_tol=1e-6)
 
 
+def reference_order_loss(student_logits, ids, mask, order_rows, margin):
+    """Per batch row and scored position t whose next position is scored too and whose next answer
+    token differs: softplus(z[next token] - z[right token] + margin), summed over the loops, / scored."""
+    total, n = 0.0, 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if not mask[b, t + 1]:
+                continue
+            n += 1
+            if not order_rows[b] or t + 2 >= ids.shape[1] or not mask[b, t + 2] or ids[b, t + 2] == ids[b, t + 1]:
+                continue
+            z = student_logits[b, t].double()
+            total += float(F.softplus(z[ids[b, t + 2]] - z[ids[b, t + 1]] + margin))
+    return total / n
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_the_answer_order_loss_equals_a_loop_over_the_answer_tokens(chunk):
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(8, 6, bias=False)
+    s_hidden, t_hidden = torch.randn(3, 9, 8, generator=g), torch.randn(3, 9, 8, generator=g)
+    ids = torch.randint(0, 6, (3, 9), generator=g)
+    ids[0, 5] = ids[0, 4]  # a repeated answer token: no competitor there
+    ids[0, 6] = (ids[0, 5] + 1) % 6
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 1, 1, 0, 0]])
+    rows = torch.tensor([True, True, False])  # the third sample is plain text: not scored for order
+    plain = chunked_distill_loss(s_hidden, t_hidden, head, ids, mask, lambda_kl=1.0, lambda_ce=0.5, chunk=chunk)
+    got = chunked_distill_loss(s_hidden, t_hidden, head, ids, mask, lambda_kl=1.0, lambda_ce=0.5, chunk=chunk,
+                               lambda_order=0.7, order_margin=1.5, order_rows=rows)
+    with torch.no_grad():
+        expected = reference_order_loss(head(s_hidden), ids, mask, rows, 1.5)
+    assert expected > 0 and math.isclose(got.order, expected, rel_tol=1e-5)
+    assert math.isclose(float(got.loss.detach()), float(plain.loss.detach()) + 0.7 * expected, rel_tol=1e-5)
+    assert plain.order == 0.0
+    # its gradient lowers the next answer token's logit against the right one's
+    logits = head(s_hidden).detach().requires_grad_()
+    eye = torch.nn.Linear(6, 6, bias=False)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(6))
+    n = int(scored_positions(mask).sum())
+    chunked_distill_loss(logits, None, eye, ids, mask, lambda_kl=0.0, lambda_order=1.0, order_rows=rows,
+                         teacher_topk=(torch.zeros(n, 1, dtype=torch.int32), torch.zeros(n, 1))).loss.backward()
+    assert logits.grad[0, 4, ids[0, 6]] > 0 and logits.grad[0, 4, ids[0, 5]] < 0  # position 4 predicts ids[0, 5]
+    assert logits.grad[0, 3].abs().sum() == 0 and logits.grad[2].abs().sum() == 0  # repeated token; text row
+
+
 def test_hand_computed_kl():
     """One scored position, vocabulary of 2: teacher (0.5, 0.5), student (0.8, 0.2)."""
     head = torch.nn.Linear(2, 2, bias=False)
@@ -484,6 +530,26 @@ def test_the_write_gate_loss_makes_the_gates_single_out_the_needle(tiny_smollm_d
     assert ratios["on"][-1] > 0.3  # the needle written > 2x more than the filler after 5 updates
     with pytest.raises(allmem.ConfigError, match="gate_ratio"):
         tiny_recipe(tiny_smollm_dir, tmp_path / "bad", **{"train.gate_ratio": 1.0})
+
+
+def test_the_answer_order_loss_is_logged_for_answers_and_absent_for_text(tiny_smollm_dir, tmp_path):
+    recipe = tiny_recipe(tiny_smollm_dir, tmp_path / "run", steps=4, **{"train.lambda_order": 1.0, "data": (
+        "[{source: tasks, count: 4, lengths: [200, 300], lambda_ce: 1.0}, {source: text, count: 2, lengths: [200, 300]}]")})
+    trainer = DistillTrainer(recipe, progress=False).setup()
+    task = next(s for s in trainer.train_samples if s.source.startswith("task/"))
+    text = next(s for s in trainer.train_samples if s.source.startswith("text"))
+    with torch.no_grad():
+        with_order, on_task = trainer.loss_on([task])
+        on_text = trainer.loss_on([text])[1]
+        trainer.recipe.train.lambda_order = 0.0
+        without = trainer.loss_on([task])[0]
+        trainer.recipe.train.lambda_order = 1.0
+    assert on_task.order > 0 and on_text.order is None
+    assert float(with_order - without) == pytest.approx(on_task.order, rel=1e-4)
+    records = [r for r in trainer.train() if r.order is not None]
+    assert records and all(math.isfinite(r.order) for r in records)
+    with pytest.raises(allmem.ConfigError, match="lambda_order"):
+        tiny_recipe(tiny_smollm_dir, tmp_path / "bad", **{"train.lambda_order": -1})
 
 
 def test_an_adapter_from_any_checkpoint_of_a_run_holds_that_steps_weights(tiny_smollm_dir, tmp_path, capsys):

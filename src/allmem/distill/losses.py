@@ -20,6 +20,7 @@ class DistillLoss:
     kl: float  # mean forward KL(teacher || student) per scored token, nats
     ce: float  # mean student cross-entropy of the targets, nats
     tokens: int
+    order: float = 0.0  # mean answer-order loss per scored token (with lambda_order > 0)
 
 
 def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -54,6 +55,26 @@ def kl_and_ce(
     return kl, ce
 
 
+def answer_order_loss(logits: torch.Tensor, targets: torch.Tensor, next_targets: torch.Tensor,
+                      valid: torch.Tensor, margin: float) -> torch.Tensor:
+    """(ours) Summed hinge on skipping ahead in an answer: sum over valid rows of
+    softplus(z[next] - z[target] + margin).
+
+    logits [N, V] at scored positions; targets [N] the right token; next_targets [N] the token
+    that follows it in the answer; valid [N] bool, rows whose next token is scored too and differs.
+    A recall model that swaps a code's last two digits or drops one emits the *next* digit too
+    early, the one mistake CE spreads over the whole vocabulary; this term pushes exactly that
+    competitor ``margin`` nats below the right token (a log-probability difference is a logit
+    difference, so no softmax is needed).
+    """
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    rows = logits[valid].float()
+    right = rows.gather(1, targets[valid, None]).squeeze(1)
+    ahead = rows.gather(1, next_targets[valid, None]).squeeze(1)
+    return F.softplus(ahead - right + margin).sum()
+
+
 def chunked_distill_loss(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor | None,
@@ -65,12 +86,17 @@ def chunked_distill_loss(
     lambda_ce: float = 0.0,
     chunk: int = 1024,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lambda_order: float = 0.0,
+    order_margin: float = 2.0,
+    order_rows: torch.Tensor | None = None,
 ) -> DistillLoss:
-    """Forward KL at temperature 1 (plus optional CE) over the masked tokens.
+    """Forward KL at temperature 1 (plus optional CE and answer-order loss) over the masked tokens.
 
     student_hidden / teacher_hidden: [B, T, d] final normed hidden states; input_ids and
     loss_mask: [B, T]. ``teacher_topk`` (precomputed, already restricted to the scored
-    positions in row-major order) replaces ``teacher_hidden``.
+    positions in row-major order) replaces ``teacher_hidden``. With ``lambda_order`` > 0,
+    ``answer_order_loss`` is added on the rows of the batch that ``order_rows`` [B] (bool;
+    default all) marks, i.e. the samples with a known answer.
     """
     scored = scored_positions(loss_mask)
     targets = torch.zeros_like(input_ids)
@@ -82,8 +108,18 @@ def chunked_distill_loss(
     if n == 0:
         zero = student_hidden.sum() * 0.0
         return DistillLoss(zero, 0.0, 0.0, 0)
+    if lambda_order > 0:
+        following = torch.zeros_like(targets)
+        following[:, :-1] = targets[:, 1:]
+        in_answer = torch.zeros_like(scored)
+        in_answer[:, :-1] = scored[:, 1:]
+        ordered = scored & in_answer & (following != targets)
+        if order_rows is not None:
+            ordered &= order_rows.to(ordered.device)[:, None]
+        y_next, y_ordered = following[scored], ordered[scored]
     kl_total = student_hidden.new_zeros((), dtype=torch.float32)
     ce_total = student_hidden.new_zeros((), dtype=torch.float32)
+    order_total = student_hidden.new_zeros((), dtype=torch.float32)
     # the head's own dtype: under accelerate's mixed precision the hidden states come back in
     # float32 while a bf16 base keeps a bf16 head (outside autocast the matmul would refuse)
     head_dtype = lm_head.weight.dtype
@@ -95,9 +131,11 @@ def chunked_distill_loss(
         topk = None if teacher_topk is None else (teacher_topk[0][sl], teacher_topk[1][sl])
         kl, ce = kl_and_ce(s_logits, t_logits, y[sl], topk)
         kl_total, ce_total = kl_total + kl, ce_total + ce
-    kl_mean, ce_mean = kl_total / n, ce_total / n
-    loss = lambda_kl * kl_mean + lambda_ce * ce_mean
-    return DistillLoss(loss, float(kl_mean.detach()), float(ce_mean.detach()), n)
+        if lambda_order > 0:
+            order_total = order_total + answer_order_loss(s_logits, y[sl], y_next[sl], y_ordered[sl], order_margin)
+    kl_mean, ce_mean, order_mean = kl_total / n, ce_total / n, order_total / n
+    loss = lambda_kl * kl_mean + lambda_ce * ce_mean + lambda_order * order_mean
+    return DistillLoss(loss, float(kl_mean.detach()), float(ce_mean.detach()), n, float(order_mean.detach()))
 
 
 @torch.no_grad()

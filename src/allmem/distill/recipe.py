@@ -49,6 +49,13 @@ class TrainSettings:
     answer CE alone left the gates uniform or writing the filler more (runs v5-v8)."""
     gate_ratio: float = 100.0
     """(ours) the needle / filler eta ratio the write-gate loss aims at (> 1)."""
+    lambda_order: float = 0.0
+    """(ours) weight of the answer-order loss (``allmem.distill.losses.answer_order_loss``) on the samples
+    of data sources with their own ``lambda_ce`` > 0 (known answers, the recall tasks): at each answer token the token that follows it in the answer
+    is pushed ``order_margin`` nats below the right one. The recall runs' wrong answers swap a code's
+    last two digits or drop one (v15, v16): both emit the next digit too early."""
+    order_margin: float = 2.0
+    """(ours) the margin, in nats, of the answer-order loss."""
     lambda_transfer: float = 0.0
     """(ours, after LoLCATs' attention transfer) weight of a per-layer loss: each converted layer's
     output (window + alpha * memory) is fit to what the pretrained full attention returns on the same
@@ -182,7 +189,8 @@ class Recipe:
             if not getattr(t, name) > 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(t, name)!r}")
         for name in ("weight_decay", "warmup_steps", "grad_clip", "alpha_lr_mult", "eta_lr_mult", "lambda_kl",
-                     "lambda_ce", "lambda_gate", "lambda_transfer", "lambda_needle", "save_every", "eval_every", "recall_prompts"):
+                     "lambda_ce", "lambda_gate", "lambda_transfer", "lambda_needle", "lambda_order", "order_margin",
+                     "save_every", "eval_every", "recall_prompts"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)!r}")
         if t.save_total_limit < 0 or t.save_total_limit == 1:

@@ -124,6 +124,9 @@ class StepResult:
     needle_error: float | None = None
     """The needle-specific transfer error of a recall batch while train.lambda_needle > 0 (1 = the layers
     pass on nothing of the code, 0 = they change with it as full attention does)."""
+    order: float | None = None
+    """The answer-order loss per scored token of a batch with known answers while train.lambda_order > 0
+    (about softplus(margin) when the next answer token is as likely as the right one, -> 0 once far below)."""
 
 
 class DistillTrainer:
@@ -319,8 +322,11 @@ class DistillTrainer:
             student = model(input_ids=ids, attention_mask=attn, use_cache=False, return_hidden=True).hidden_states
         # per-source CE weight (recall tasks); a batch uses its samples' mean (exact with micro_batch 1)
         weights = [t.lambda_ce if s.ce_weight is None else s.ce_weight for s in samples]
+        answered = [bool(s.ce_weight) for s in samples]  # a source with its own lambda_ce: known answers
         out = chunked_distill_loss(student, teacher, self._unwrapped.lm_head, ids, mask, lambda_kl=t.lambda_kl,
-                                   lambda_ce=sum(weights) / len(weights), chunk=t.kl_chunk, teacher_topk=topk)
+                                   lambda_ce=sum(weights) / len(weights), chunk=t.kl_chunk, teacher_topk=topk,
+                                   lambda_order=t.lambda_order, order_margin=t.order_margin,
+                                   order_rows=torch.tensor(answered))
         loss, gate = out.loss, None
         if supervise_gate:
             write_mask = torch.zeros_like(attn, dtype=torch.bool)
@@ -347,7 +353,8 @@ class DistillTrainer:
             loss = loss + t.lambda_needle * needle
             needle_error = float(needle.detach())
         return loss, StepResult(float(loss.detach()), out.kl, out.ce, out.tokens, gate_log10_ratio=gate,
-                                transfer_error=transfer_error, needle_error=needle_error)
+                                transfer_error=transfer_error, needle_error=needle_error,
+                                order=out.order if t.lambda_order > 0 and any(answered) else None)
 
     @contextlib.contextmanager
     def _layer_targets(self, capture: bool, window: bool = False):
@@ -430,7 +437,8 @@ class DistillTrainer:
                                else total.gate_log10_ratio,
                                transfer_error=res.transfer_error if res.transfer_error is not None
                                else total.transfer_error,
-                               needle_error=res.needle_error if res.needle_error is not None else total.needle_error)
+                               needle_error=res.needle_error if res.needle_error is not None else total.needle_error,
+                               order=res.order if res.order is not None else total.order)
             sources.update(s.source for s in batch)
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         # one device sync for all gradients (not one per tensor)
@@ -591,7 +599,8 @@ class DistillTrainer:
                        "lr": self.last_lr, "elapsed_s": self.elapsed_before + elapsed, **self.last_runtime,
                        **({} if res.gate_log10_ratio is None else {"gate_log10_ratio": res.gate_log10_ratio}),
                        **({} if res.transfer_error is None else {"transfer_error": res.transfer_error}),
-                       **({} if res.needle_error is None else {"needle_error": res.needle_error})})
+                       **({} if res.needle_error is None else {"needle_error": res.needle_error}),
+                       **({} if res.order is None else {"order": res.order})})
             self.bad_in_a_row = self.bad_in_a_row + 1 if res.skipped else 0
             if self.bad_in_a_row >= t.max_bad_steps:
                 bar.close()
