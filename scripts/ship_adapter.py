@@ -5,8 +5,9 @@ with the command, data, step count, tokens and SHA-256, and the loss curve.
         --recipe src/allmem/recipes/smollm2-cpu.yaml --command "allmem distill --recipe smollm2-cpu ..." \
         --to src/allmem/adapters/smollm2-allmem
 
-A run driven by overrides (the recall runs' run.sh) gives them with ``--set``: the card's
-recipe.yaml is then the recipe as the run resolved it. ``--adapter`` picks an adapter other
+A run saves the recipe as it resolved it (file + overrides) as RUN/recipe.yaml: pass that as
+``--recipe``. For runs from before it did, ``allmem distill --print-recipe --recipe R OVERRIDES``
+prints it, or ``--set`` takes the overrides. ``--adapter`` picks an adapter other
 than the run's final one (``allmem adapter --checkpoint`` of a step).
 """
 

@@ -258,6 +258,21 @@ def test_only_memory_trains_and_resume_reproduces_the_uninterrupted_run(tiny_smo
     assert (tmp_path / "old" / "checkpoints" / "step-000004" / "random_states_0.pkl").is_file()  # then the new format
 
 
+def test_a_run_saves_its_resolved_recipe_and_the_cli_prints_it_without_training(tiny_smollm_dir, tmp_path, capsys):
+    from allmem.cli import main
+
+    overrides = tiny_overrides(tiny_smollm_dir, tmp_path / "run", steps=1, **{"train.lambda_order": 0.5})
+    assert main(["distill", "--recipe", "smollm2-cpu", "--print-recipe", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()  # printing trains nothing
+    recipe = load_recipe("smollm2-cpu", overrides)
+    DistillTrainer(recipe, progress=False).setup().train()
+    saved = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert saved == printed
+    again = load_recipe(str(tmp_path / "run" / "recipe.yaml"))  # the file alone rebuilds the run's recipe
+    assert again.to_dict() == recipe.to_dict() and again.train.lambda_order == 0.5
+
+
 def test_resume_forgets_replayed_steps_and_keeps_counting_time(tiny_smollm_dir, tmp_path):
     """A run killed after step 3 (checkpoint at 2) trains step 3 again on resume: metrics.jsonl
     must hold each step once (else a card counts its tokens twice) and elapsed_s must keep

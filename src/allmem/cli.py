@@ -308,6 +308,11 @@ def cmd_distill(args) -> int:
     from .distill.trainer import CheckpointSaveError, DistillTrainer, TrainingDiverged
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_recipe:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
     trainer = DistillTrainer(recipe, resume=args.resume, progress=not args.quiet).setup()
     try:
         trainer.train()
@@ -572,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"built-in recipe name ({', '.join(builtin_recipes())}) or a YAML/TOML file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     p.add_argument("--eval", action="store_true", help="evaluate on the held-out split at the end")
+    p.add_argument("--print-recipe", action="store_true",
+                   help="print the recipe resolved with the overrides (YAML) and exit; a run also saves it as "
+                        "train.output_dir/recipe.yaml")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="recipe overrides such as train.steps=50 allmem.window=128")
     p.set_defaults(func=cmd_distill)

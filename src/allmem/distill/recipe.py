@@ -154,6 +154,7 @@ class Recipe:
                 raise ConfigError(f"unknown train settings {unknown}; known: {sorted(known)}")
             self.train = TrainSettings(**self.train)
         _check_types(self.train)
+        self.train.betas = tuple(self.train.betas)  # as the default is, whether YAML gave a list or not
         self.allmem_config()  # validate early
         for key, bounds in self.randomize.items():
             if key not in ("window", "sinks", "chunk"):

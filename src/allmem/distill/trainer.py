@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from ..constants import torch_dtype
@@ -247,6 +248,14 @@ class DistillTrainer:
         if self.accelerator.is_main_process:
             self.elapsed_before = self._forget_replayed_metrics()
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _save_recipe(self) -> None:
+        """The recipe as this run resolved it (file + overrides), beside its metrics: what to read, cite
+        or ship (scripts/ship_adapter.py --recipe RUN/recipe.yaml); a resume with other overrides rewrites it."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_temp_file(self.out, "recipe.yaml")
+        tmp.write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        tmp.replace(self.out / "recipe.yaml")
 
     def _forget_replayed_metrics(self) -> float:
         """Drop the records of steps after the resumed checkpoint from metrics.jsonl (they are
@@ -583,6 +592,8 @@ class DistillTrainer:
         bar = tqdm(total=t.steps, initial=self.step, desc=f"distill {self.recipe.name}", unit="step",
                    disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True)
         start, tokens_done, ran = time.perf_counter(), 0, 0
+        if self.accelerator.is_main_process:
+            self._save_recipe()
         while self.step < t.steps:
             if stop_after is not None and ran >= stop_after:
                 break
