@@ -54,12 +54,18 @@ def reference_loss(student_logits, teacher_logits, ids, mask, lambda_kl, lambda_
     return lambda_kl * kl_sum / n + lambda_ce * ce_sum / n, n
 
 
+def random_head_and_batch(seed, rows, vocab, length=9, dim=8):
+    """An LM head and random student / teacher hidden states and token ids [rows, length]."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the head's own init
+    head = torch.nn.Linear(dim, vocab, bias=False)
+    hidden = torch.randn(rows, length, dim, generator=g), torch.randn(rows, length, dim, generator=g)
+    return head, *hidden, torch.randint(0, vocab, (rows, length), generator=g)
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
 def test_chunked_loss_equals_unchunked_reference_and_ignores_masked_positions(chunk):
-    g = torch.Generator().manual_seed(0)
-    head = torch.nn.Linear(8, 11, bias=False)
-    s_hidden, t_hidden = torch.randn(2, 9, 8, generator=g), torch.randn(2, 9, 8, generator=g)
-    ids = torch.randint(0, 11, (2, 9), generator=g)
+    head, s_hidden, t_hidden, ids = random_head_and_batch(seed=0, rows=2, vocab=11)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
         expected, n = reference_loss(head(s_hidden), head(t_hidden), ids, mask, 1.0, 0.5)
@@ -93,10 +99,7 @@ def reference_order_loss(student_logits, ids, mask, order_rows, margin):
 
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 def test_the_answer_order_loss_equals_a_loop_over_the_answer_tokens(chunk):
-    g = torch.Generator().manual_seed(1)
-    head = torch.nn.Linear(8, 6, bias=False)
-    s_hidden, t_hidden = torch.randn(3, 9, 8, generator=g), torch.randn(3, 9, 8, generator=g)
-    ids = torch.randint(0, 6, (3, 9), generator=g)
+    head, s_hidden, t_hidden, ids = random_head_and_batch(seed=1, rows=3, vocab=6)
     ids[0, 5] = ids[0, 4]  # a repeated answer token: no competitor there
     ids[0, 6] = (ids[0, 5] + 1) % 6
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 1, 1, 0, 0]])
