@@ -51,9 +51,10 @@ class TrainSettings:
     """(ours) the needle / filler eta ratio the write-gate loss aims at (> 1)."""
     lambda_order: float = 0.0
     """(ours) weight of the answer-order loss (``allmem.distill.losses.answer_order_loss``) on the samples
-    of data sources with their own ``lambda_ce`` > 0 (known answers, the recall tasks): at each answer token the token that follows it in the answer
-    is pushed ``order_margin`` nats below the right one. The recall runs' wrong answers swap a code's
-    last two digits or drop one (v15, v16): both emit the next digit too early."""
+    of data sources with their own ``lambda_ce`` > 0 (known answers, the recall tasks): at each answer
+    token, the token that follows it in the answer is pushed ``order_margin`` nats below the right one.
+    The recall runs' wrong answers swap a code's last two digits or drop one (v15, v16): both emit the
+    next digit too early."""
     order_margin: float = 2.0
     """(ours) the margin, in nats, of the answer-order loss."""
     lambda_transfer: float = 0.0
