@@ -7,14 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 to=src/allmem/adapters/smollm2-allmem-recall
-# the card being replaced is v15's: keep it aside so that its totals and recipe are read before they are overwritten
+# the card being replaced is v15's, as committed in fa48d8f: its totals and recipe are read from there
 previous=$(mktemp -d); trap 'rm -rf "$previous"' EXIT
-if grep -q '"command": "docs/distill/recall/v15/run.sh"' $to/training.json; then
-  cp $to/training.json $to/recipe.yaml "$previous"/
-else
-  git show fa48d8f:$to/training.json > "$previous"/training.json
-  git show fa48d8f:$to/recipe.yaml > "$previous"/recipe.yaml
-fi
+for f in training.json recipe.yaml; do git show fa48d8f:$to/$f > "$previous"/$f; done
 COMMAND="distill --print-recipe" docs/distill/recall/v16/run.sh > "$previous"/v16-recipe.yaml  # as the run resolved it
 .venv/bin/python scripts/ship_adapter.py --run out/recall-v16 --adapter out/recall-v16/adapter-step-000200 \
   --recipe "$previous"/v16-recipe.yaml \
