@@ -12,6 +12,9 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.allmem-installed
 PYTEST_ARGS ?=
+# the suite runs in this many pytest-xdist processes, a test file to each (its module fixtures,
+# such as the vLLM server, start once); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
 ARGS ?=
 
 .PHONY: setup setup-serve demo lint test test-slow clean
@@ -44,7 +47,7 @@ lint: setup
 	$(PY) -m ruff check src tests benchmarks scripts
 
 test: lint $(VLLM_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -1,8 +1,13 @@
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-torch.set_num_threads(2)
+# `make test` runs the suite in pytest-xdist workers that share the cores: each takes its share
+# (at most 2 threads, the most the small tensors here use well) instead of oversubscribing them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-torch.set_num_threads(2)
-
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 TINY_FAMILIES = {
