@@ -54,7 +54,7 @@ class TrainSettings:
     of data sources with their own ``lambda_ce`` > 0 (known answers, the recall tasks): at each answer
     token, the token that follows it in the answer is pushed ``order_margin`` nats below the right one.
     The recall runs' wrong answers swap a code's last two digits or drop one (v15, v16): both emit the
-    next digit too early."""
+    next digit too early. At 0.5 (run v18) the digits repeated instead and recall fell (docs/distill/recall)."""
     order_margin: float = 2.0
     """(ours) the margin, in nats, of the answer-order loss."""
     lambda_transfer: float = 0.0
