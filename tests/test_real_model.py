@@ -62,7 +62,7 @@ def test_adapter_round_trip_and_decode_on_smollm2(tmp_path, smollm2_ids):
 def test_the_recall_adapter_carries_a_passkey_far_past_its_window():
     """smollm2-allmem-recall: on held-out passkey prompts of 768 tokens with the key 400-700 tokens
     back (window 64), the memory prefers the right 5-digit code over a wrong one by many nats
-    (+34.5 for the v16 memory shipped in session 15); SWA + sinks (the same model, memory off)
+    (+36.1 for the v19 memory shipped in session 17, +34.5 for v16); SWA + sinks (the same model, memory off)
     cannot see the key and has no preference (-0.85)."""
     import random
 

@@ -1,11 +1,11 @@
 #!/bin/bash
-# Evaluate one checkpoint of a recall run (v17 and later) beside full attention, SWA + sinks and v16's step-200
-# memory (the shipped smollm2-allmem-recall), all at window 64 with 4 sinks, on held-out text and haystacks:
-# perplexity by position in 2k windows (4 documents), then passkey beyond the window with the recall margin at
-# 1k, 2k and 4k tokens (needle depths 0.1-0.5, 4 prompts per depth and length). Results are kept per system in
-# out/heldout-w64/{ppl,passkey}, so each system is computed once for all runs (the references' and v16's come
-# from session 14's out/recall-v16 where it exists); the tables are copied beside the run as
-# RUN/{ppl-2k,passkey}-step-NNNNNN.{md,png}.
+# Evaluate one checkpoint of a recall run (v17 and later) beside full attention, SWA + sinks and the shipped
+# smollm2-allmem-recall (v19's step-60 memory since session 17; v16's step-200 before), all at window 64 with
+# 4 sinks, on held-out text and haystacks: perplexity by position in 2k windows (4 documents), then passkey
+# beyond the window with the recall margin at 1k, 2k and 4k tokens (needle depths 0.1-0.5, 4 prompts per depth
+# and length). Results are kept per system in out/heldout-w64/{ppl,passkey}, so each system is computed once for
+# all runs (the references' come from session 14's out/recall-v16 where it exists, the shipped one's from
+# `heldout.sh v19 60`); the tables are copied beside the run as RUN/{ppl-2k,passkey}-step-NNNNNN.{md,png}.
 # usage: docs/distill/recall/heldout.sh RUN STEP   e.g. v18 60   (THREADS=N, default 2)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -15,8 +15,8 @@ here=docs/distill/recall/$run
 ck=out/recall-$run/checkpoints/$step
 ad=out/recall-$run/adapter-$step
 out=out/heldout-w64
-v16_adapter=out/recall-v16/adapter-step-000200
-[ -f $v16_adapter/adapter.safetensors ] || v16_adapter=docs/distill/recall/v16/adapter-step-000200  # its bf16 copy
+shipped=out/recall-v19/adapter-step-000060
+[ -f $shipped/adapter.safetensors ] || shipped=src/allmem/adapters/smollm2-allmem-recall  # its bf16 copy
 mkdir -p $out/ppl/nll $out/passkey
 for earlier in out/recall-v16 out/recall-v17; do  # per-system results of sessions 14-15, same settings
   cp -n $earlier/ppl/nll/* $out/ppl/nll/ 2>/dev/null || true
@@ -26,7 +26,8 @@ for earlier in out/recall-v16 out/recall-v17; do  # per-system results of sessio
   done
 done
 [ -f $ad/adapter.safetensors ] || COMMAND=adapter THREADS=${THREADS:-2} $here/run.sh --checkpoint $ck --out $ad
-systems=(full:smollm2 "swa:smollm2?window=64&sinks=4" "allmem:$v16_adapter?name=v16 200 (W 64)" "allmem:$ad?name=$run $n (W 64)")
+systems=(full:smollm2 "swa:smollm2?window=64&sinks=4" "allmem:$shipped?name=v19 60 (W 64)")
+[ "$run $n" = "v19 60" ] || systems+=("allmem:$ad?name=$run $n (W 64)")
 export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 .venv/bin/allmem eval ppl --quiet --systems "${systems[@]}" --lengths 2048 --buckets 0 256 512 2048 --docs 4 --out $out/ppl
 cp $out/ppl/ppl.md $here/ppl-2k-$step.md
