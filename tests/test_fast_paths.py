@@ -6,7 +6,7 @@ import torch
 import torch._dynamo
 
 import allmem
-from allmem import memory
+from allmem import layer, memory
 from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
 from allmem.ops.ttt.naive import naive_ttt
 from tiny_models import ids, randomise_memory, tiny_base
@@ -81,10 +81,35 @@ def test_no_grad_and_autograd_paths_agree_in_float32():
     torch.testing.assert_close(state.weights.w3, state2.weights.w3, rtol=1e-5, atol=1e-5)
 
 
+def test_steady_decode_takes_the_branch_free_window_path_in_every_layer_and_equals_the_prefill(monkeypatch):
+    """A decode token past the sinks, every row real, runs each layer's window attention through
+    ``layer.decode_window`` (decided once per forward); earlier tokens and padded rows take the general
+    path. Token by token the logits equal the prefill's, in float64."""
+    model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
+    x = ids(2, 14)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[6].clone())  # seen
+        return layer.decode_window(*args, **kwargs)
+
+    monkeypatch.setitem(layer._DECODE_WINDOW, "fn", counted)
+    with torch.no_grad():
+        prefill = model(x, use_cache=False).logits
+        cache = model.new_cache()
+        head = model(x[:, :1], cache=cache).logits  # seen 0, then 1: still inside the sinks
+        steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(1, x.shape[1])]
+    torch.testing.assert_close(torch.cat([head, *steps], dim=1), prefill)
+    layers = len(model.model.layers)
+    assert layers >= 2 and len(calls) == layers * (x.shape[1] - 2)  # every token from seen = sinks = 2 on
+    assert all(bool((seen >= 2).all()) for seen in calls)
+
+
 def test_compiled_memory_decodes_as_the_eager_prefill():
-    """``allmem.set_compiled``: the decode step's read (one graph for every layer) and the chunk
-    op's read and write through torch.compile give the eager model's logits, token by token across
-    chunk writes, in float64; the compiled graph is shared by the layers (no recompile per layer)."""
+    """``allmem.set_compiled``: the decode step's window attention and memory read (one graph each
+    for every layer) and the chunk op's read and write through torch.compile give the eager model's
+    logits, token by token across chunk writes, in float64; the compiled graphs are shared by the
+    layers (no recompile per layer)."""
     model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
     x = ids(2, 14)
     with torch.no_grad():
@@ -95,6 +120,7 @@ def test_compiled_memory_decodes_as_the_eager_prefill():
     try:
         allmem.set_compiled(True)
         assert memory._DECODE_READ["fn"] is not memory.decode_read
+        assert layer._DECODE_WINDOW["fn"] is not layer.decode_window
         with torch.no_grad():
             cache = model.new_cache()
             head = model(x[:, :5], cache=cache).logits
@@ -106,3 +132,5 @@ def test_compiled_memory_decodes_as_the_eager_prefill():
     assert counters["stats"]["unique_graphs"] >= 1
     assert len(model.model.layers) >= 2
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(memory.decode_read.__code__)) == 1
+    assert layer._DECODE_WINDOW["fn"] is layer.decode_window
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(layer.decode_window.__code__)) == 1

@@ -17,6 +17,7 @@ from torch import nn
 from .config import AllMemConfig
 from .memories import RecurrentState, build_memory
 from .memory import scatter_state
+from .memory import set_compiled as set_memory_compiled  # layer.set_compiled covers both
 from .ops.swa import swa_dense, swa_prefill
 
 
@@ -50,6 +51,9 @@ class Segment:
     sink_sin: torch.Tensor | None
     states: list | None  # per-layer LayerState (or None before the first write); None = no cache
     tables: dict = field(default_factory=dict)  # layer type -> (cos, sin, sink_cos, sink_sin)
+    # one real token in every row, each row past its sinks: the common decode step, which every layer
+    # then takes on one branch-free path (decode_window); decided once per forward, not per layer
+    steady_decode: bool = False
 
 
 @dataclass
@@ -183,10 +187,16 @@ class AllMemAttention(nn.Module):
         return sink_k, sink_v, sink_pos
 
     def _window_attention(self, x: torch.Tensor, seg: Segment, state: LayerState | None):
+        if seg.steady_decode and state is not None and seg.states is not None:
+            ws = state.window
+            cos, sin, sink_cos, sink_sin = self._rotary_tables(x, seg)
+            attn_out, ring_k, ring_v, ring_pos = _DECODE_WINDOW["fn"](
+                self, x, cos, sin, sink_cos, sink_sin, seg.seen, ws.ring_k, ws.ring_v, ws.ring_pos, ws.sink_k,
+                ws.sink_v, ws.sink_pos, span=self._span(seg.config), attend_sinks=self.native_window is None)
+            return attn_out, WindowState(ws.sink_k, ws.sink_v, ws.sink_pos, ring_k, ring_v, ring_pos)
         cfg = seg.config
         window, sinks = cfg.window, cfg.sinks  # the ring buffer's slots and the sinks held
-        # what this layer attends: a pretrained sliding-window layer keeps its own window, no sinks
-        span = window if self.native_window is None else min(window, self.native_window)
+        span = self._span(cfg)
         batch, length, _ = x.shape
         q, k, v = self._project(x)
         cos, sin, sink_cos, sink_sin = self._rotary_tables(x, seg)
@@ -217,7 +227,8 @@ class AllMemAttention(nn.Module):
         elif length == 1:
             # decode: the new key first takes its ring slot, whose old key (position seen - W) has
             # just left the window; the ring in slot order is then every key, positions do the masking
-            ring_k, ring_v, ring_pos = self._write_one(window_state, k, v, seg)
+            ring_k, ring_v, ring_pos = self._write_one(window_state.ring_k, window_state.ring_v, window_state.ring_pos,
+                                                       k, v, seg.seen, seg.seq_lens)
             out = swa_dense(q_win, ring_k, ring_v, ring_pos, query_pos, window=span, scale=self.attn.scaling,
                             **sink_args)
         else:
@@ -245,20 +256,60 @@ class AllMemAttention(nn.Module):
             ring_pos = torch.where(p >= 0, p, torch.full_like(p, -1))
         return attn_out, WindowState(sink_k, sink_v, sink_pos, ring_k, ring_v, ring_pos)
 
+    def _span(self, cfg: AllMemConfig) -> int:
+        """The keys this layer attends: a pretrained sliding-window layer keeps its own window (and no sinks)."""
+        return cfg.window if self.native_window is None else min(cfg.window, self.native_window)
+
     @staticmethod
-    def _write_one(window_state: WindowState, k: torch.Tensor, v: torch.Tensor, seg: Segment):
+    def _write_one(ring_k: torch.Tensor, ring_v: torch.Tensor, ring_pos: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, seen: torch.Tensor, seq_lens: torch.Tensor | None):
         """The ring with one new key/value per row [B, Hkv, 1, D] at slot seen % W (in place without
         autograd). A row whose token is padding (seq_lens 0) writes back what the slot already holds:
         its key would otherwise sit in the ring at position seen, and the row's next token (same
-        position) would attend to it."""
-        batch, window = k.shape[0], window_state.ring_k.shape[2]
-        write = (seg.seen % window).view(batch, 1)
+        position) would attend to it. ``seq_lens`` None: every row's token is real."""
+        batch, window = k.shape[0], ring_k.shape[2]
+        write = (seen % window).view(batch, 1)
         index = write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, k.shape[-1])
-        real = (seg.seq_lens > 0).view(batch, 1)
-        position, new_k, new_v = seg.seen[:, None], k, v
-        if not bool(real.all()):
-            position = torch.where(real, position, window_state.ring_pos.gather(1, write))
-            new_k = torch.where(real[..., None, None], k, window_state.ring_k.gather(2, index))
-            new_v = torch.where(real[..., None, None], v, window_state.ring_v.gather(2, index))
-        return (scatter_state(window_state.ring_k, 2, index, new_k), scatter_state(window_state.ring_v, 2, index, new_v),
-                scatter_state(window_state.ring_pos, 1, write, position))
+        position, new_k, new_v = seen[:, None], k, v
+        if seq_lens is not None and not bool((seq_lens > 0).all()):
+            real = (seq_lens > 0).view(batch, 1)
+            position = torch.where(real, position, ring_pos.gather(1, write))
+            new_k = torch.where(real[..., None, None], k, ring_k.gather(2, index))
+            new_v = torch.where(real[..., None, None], v, ring_v.gather(2, index))
+        return (scatter_state(ring_k, 2, index, new_k), scatter_state(ring_v, 2, index, new_v),
+                scatter_state(ring_pos, 1, write, position))
+
+
+def decode_window(attn: AllMemAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  sink_cos: torch.Tensor | None, sink_sin: torch.Tensor | None, seen: torch.Tensor,
+                  ring_k: torch.Tensor, ring_v: torch.Tensor, ring_pos: torch.Tensor, sink_k: torch.Tensor,
+                  sink_v: torch.Tensor, sink_pos: torch.Tensor, *, span: int, attend_sinks: bool):
+    """The window attention of one steady decode token (every row real, past its sinks): x [B, 1, d],
+    cos/sin [B, 1, D], seen [B], the ring [B, Hkv, W, D] / [B, W] and sinks [B, Hkv, S, D] / [B, S] ->
+    (attention output [B, 1, d], ring_k, ring_v, ring_pos with the token written at slot seen % W).
+    No data-dependent branch, so ``torch.compile`` takes it whole (``allmem.set_compiled``); the same
+    ops as the general path's decode branch, so eager results are identical."""
+    batch = x.shape[0]
+    q, k, v = attn._project(x)
+    q_win, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q_sink = q_win if sink_cos is None else apply_rotary(q, sink_cos, sink_sin)
+    groups = q.shape[1] // attn.num_kv_heads
+    q_win = q_win.view(batch, attn.num_kv_heads, groups, 1, attn.head_dim)
+    q_sink = q_sink.view(batch, attn.num_kv_heads, groups, 1, attn.head_dim)
+    ring_k, ring_v, ring_pos = attn._write_one(ring_k, ring_v, ring_pos, k, v, seen, None)
+    sink_args = dict(q_sink=q_sink, k_sink=sink_k, v_sink=sink_v, sink_pos=sink_pos) if attend_sinks else {}
+    out = swa_dense(q_win, ring_k, ring_v, ring_pos, seen[:, None], window=span, scale=attn.attn.scaling, **sink_args)
+    out = out.reshape(batch, -1, 1, attn.head_dim).transpose(1, 2).reshape(batch, 1, -1)
+    return attn.attn.o_proj(out), ring_k, ring_v, ring_pos
+
+
+_DECODE_WINDOW = {"fn": decode_window}
+
+
+def set_compiled(enabled: bool = True) -> None:
+    """Run a decode token's window attention (``decode_window``, one graph shared by every layer) and
+    the memory (``allmem.memory.set_compiled``: its decode read and chunk step) through
+    ``torch.compile``. The first call of each shape compiles (seconds); results match eager to
+    rounding, not bit for bit. False: eager."""
+    set_memory_compiled(enabled)
+    _DECODE_WINDOW["fn"] = torch.compile(decode_window, dynamic=False) if enabled else decode_window

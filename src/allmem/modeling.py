@@ -300,6 +300,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         segment = Segment(
             config=cfg, seq_lens=seq_lens, seen=seen, cos=cos, sin=sin, sink_cos=sink_cos, sink_sin=sink_sin,
             states=cache.layers if cache is not None else None,
+            steady_decode=cache is not None and length == 1 and not padded and bool((seen >= cfg.sinks).all()),
         )
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
