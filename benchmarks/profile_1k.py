@@ -64,11 +64,9 @@ def components(model, allmem_model: bool) -> dict[str, list[torch.nn.Module]]:
     return out
 
 
-def run_system(system: str, model, prompt, follow, repeats: int) -> tuple[str, dict]:
-    """Component table and operator table for prefill and decode of one system (``model``: the
-    base for "full", else the converted model)."""
-    is_allmem = system != "full"
-    allmem.set_compiled(system.endswith("compiled"))
+def prefill_and_decode(model, is_allmem: bool, prompt: torch.Tensor, follow: torch.Tensor):
+    """prefill() -> a cache holding ``prompt``; decode(cache, t) feeds token t of ``follow``. ``model``:
+    the base with its standard cache, or (``is_allmem``) the converted model with its constant cache."""
     if is_allmem:
 
         def prefill():
@@ -84,7 +82,15 @@ def run_system(system: str, model, prompt, follow, repeats: int) -> tuple[str, d
 
         def decode(cache, t):
             model(follow[:, t : t + 1], past_key_values=cache, use_cache=True)
+    return prefill, decode
 
+
+def run_system(system: str, model, prompt, follow, repeats: int) -> tuple[str, dict]:
+    """Component table and operator table for prefill and decode of one system (``model``: the
+    base for "full", else the converted model)."""
+    is_allmem = system != "full"
+    allmem.set_compiled(system.endswith("compiled"))
+    prefill, decode = prefill_and_decode(model, is_allmem, prompt, follow)
     timer = ComponentTimer(components(model, is_allmem))
     sections, summary = [], {}
     with torch.no_grad():

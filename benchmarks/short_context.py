@@ -23,6 +23,7 @@ import torch
 import allmem
 import allmem.memory
 from allmem.corpus import long_document
+from profile_1k import prefill_and_decode  # the same prefill and decode calls as the profile
 
 
 def compile_mode(mode: str) -> None:
@@ -51,20 +52,8 @@ def main() -> int:
         ids = torch.cat([ids, ids], dim=1)
     prompt, follow = ids[:, : args.length], ids[:, args.length :]
 
-    def full_prefill():
-        return full(prompt, use_cache=True, logits_to_keep=1).past_key_values
-
-    def full_decode(cache, t):
-        full(follow[:, t : t + 1], past_key_values=cache, use_cache=True)
-
-    def allmem_prefill():
-        cache = converted.new_cache()
-        converted(prompt, cache=cache, logits_to_keep=1)
-        return cache
-
-    def allmem_decode(cache, t):
-        converted(follow[:, t : t + 1], cache=cache)
-
+    full_prefill, full_decode = prefill_and_decode(full, False, prompt, follow)
+    allmem_prefill, allmem_decode = prefill_and_decode(converted, True, prompt, follow)
     systems = {"full": (full_prefill, full_decode, "eager"), "allmem-256": (allmem_prefill, allmem_decode, "eager"),
                "allmem-256 memory compiled": (allmem_prefill, allmem_decode, "memory"),
                "allmem-256 compiled": (allmem_prefill, allmem_decode, "all")}
