@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from allmem.cli import build_parser, main
 
@@ -28,6 +29,34 @@ def test_convert_then_generate_from_a_file(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip(), "no text generated"
     assert "cache" in captured.err and "MiB" in captured.err
+
+
+def test_generate_with_compile_decodes_as_eager_and_leaves_eager_behind(tmp_path, capsys, tiny_smollm_dir):
+    """``--compile`` runs the decode through torch.compile (the steady decode graphs are built) and
+    greedy text equals the eager command's (the logits themselves are checked against eager in
+    test_fast_paths); afterwards the process decodes eagerly again."""
+    from allmem import layer, memory
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("one two three four five six seven eight nine ten " * 3)
+    common = ["generate", "--model", str(tiny_smollm_dir), "--prompt-file", str(prompt), "--max-new-tokens", "6",
+              "--window", "8", "--sinks", "2", "--chunk", "4", "--segment", "16", "--quiet"]
+    capsys.readouterr()
+    assert main(common) == 0
+    eager = capsys.readouterr().out
+    seen = []
+    real_compile = torch.compile
+
+    def spy(fn, **kwargs):
+        seen.append(fn.__name__)
+        return real_compile(fn, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", spy)
+        assert main([*common, "--compile"]) == 0
+    assert capsys.readouterr().out == eager and len(eager) > 1
+    assert {"decode_window", "decode_read"} <= set(seen)
+    assert layer._DECODE_WINDOW["fn"] is layer.decode_window and memory._DECODE_READ["fn"] is memory.decode_read
 
 
 def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, capsys):

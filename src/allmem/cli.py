@@ -75,6 +75,9 @@ def _add_decoding_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="end the reply before TEXT (repeatable; end-of-turn tokens always end it)")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (allmem.set_compiled): faster tokens after a first one that "
+                        "compiles for some seconds; matches eager decoding to rounding, not bit for bit")
 
 
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
@@ -688,6 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     from .serving.launch import ServeError
     from .session import SessionError
 
+    compiled = getattr(args, "compile", False)
+    if compiled:
+        from .layer import set_compiled
+
+        set_compiled(True)
     try:
         return args.func(args)
     except (CommandLineError, ConfigError, FileNotFoundError, NotADirectoryError, UnsupportedModelError, AdapterMismatchError,
@@ -695,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
             AdapterFileError, CheckpointMismatchError, CheckpointDamagedError, ServeError, RunSettingsMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if compiled:
+            set_compiled(False)  # in-process callers (tests, notebooks) get eager decoding back
 
 
 if __name__ == "__main__":
