@@ -83,8 +83,8 @@ def test_no_grad_and_autograd_paths_agree_in_float32():
 
 def test_steady_decode_takes_the_branch_free_window_path_in_every_layer_and_equals_the_prefill(monkeypatch):
     """A decode token past the sinks, every row real, runs each layer's window attention through
-    ``layer.decode_window`` (decided once per forward); earlier tokens and padded rows take the general
-    path. Token by token the logits equal the prefill's, in float64."""
+    ``layer.decode_window`` (decided once per forward); the tokens before it take the general path.
+    Token by token the logits equal the prefill's, in float64."""
     model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
     x = ids(2, 14)
     calls = []
