@@ -105,6 +105,30 @@ def test_steady_decode_takes_the_branch_free_window_path_in_every_layer_and_equa
     assert all(bool((seen >= 2).all()) for seen in calls)
 
 
+def test_steady_decode_gives_the_general_paths_bits(monkeypatch):
+    """Eager, the branch-free steady decode path runs the general decode branch's ops in the same order:
+    the logits of a float32 decode through the ring's wrap-around are identical, bit for bit."""
+    model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4))).float()
+    x = ids(2, 20)
+
+    def decode():
+        with torch.no_grad():
+            cache = model.new_cache()
+            out = [model(x[:, :3], cache=cache).logits]
+            out += [model(x[:, t : t + 1], cache=cache).logits for t in range(3, x.shape[1])]
+        return torch.cat(out, dim=1)
+
+    steady = decode()
+    general = layer.AllMemAttention._window_attention
+
+    def always_general(self, hidden, seg, state):
+        seg.steady_decode = False
+        return general(self, hidden, seg, state)
+
+    monkeypatch.setattr(layer.AllMemAttention, "_window_attention", always_general)
+    assert steady.dtype == torch.float32 and torch.equal(decode(), steady)
+
+
 def test_compiled_memory_decodes_as_the_eager_prefill():
     """``allmem.set_compiled``: the decode step's window attention and memory read (one graph each
     for every layer) and the chunk op's read and write through torch.compile give the eager model's
