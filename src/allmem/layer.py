@@ -187,7 +187,7 @@ class AllMemAttention(nn.Module):
         return sink_k, sink_v, sink_pos
 
     def _window_attention(self, x: torch.Tensor, seg: Segment, state: LayerState | None):
-        if seg.steady_decode and state is not None and seg.states is not None:
+        if seg.steady_decode and state is not None:  # steady_decode implies a cache
             ws = state.window
             cos, sin, sink_cos, sink_sin = self._rotary_tables(x, seg)
             attn_out, ring_k, ring_v, ring_pos = _DECODE_WINDOW["fn"](

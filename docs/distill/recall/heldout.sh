@@ -15,7 +15,8 @@ here=docs/distill/recall/$run
 ck=out/recall-$run/checkpoints/$step
 ad=out/recall-$run/adapter-$step
 out=out/heldout-w64
-shipped=out/recall-v19/adapter-step-000060
+shipped_run=v19 shipped_step=60
+shipped=out/recall-$shipped_run/adapter-$(printf "step-%06d" $shipped_step)
 [ -f $shipped/adapter.safetensors ] || shipped=src/allmem/adapters/smollm2-allmem-recall  # its bf16 copy
 mkdir -p $out/ppl/nll $out/passkey
 for earlier in out/recall-v16 out/recall-v17; do  # per-system results of sessions 14-15, same settings
@@ -26,8 +27,8 @@ for earlier in out/recall-v16 out/recall-v17; do  # per-system results of sessio
   done
 done
 [ -f $ad/adapter.safetensors ] || COMMAND=adapter THREADS=${THREADS:-2} $here/run.sh --checkpoint $ck --out $ad
-systems=(full:smollm2 "swa:smollm2?window=64&sinks=4" "allmem:$shipped?name=v19 60 (W 64)")
-[ "$run $n" = "v19 60" ] || systems+=("allmem:$ad?name=$run $n (W 64)")
+systems=(full:smollm2 "swa:smollm2?window=64&sinks=4" "allmem:$shipped?name=$shipped_run $shipped_step (W 64)")
+[ "$run $n" = "$shipped_run $shipped_step" ] || systems+=("allmem:$ad?name=$run $n (W 64)")  # not twice
 export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2}
 .venv/bin/allmem eval ppl --quiet --systems "${systems[@]}" --lengths 2048 --buckets 0 256 512 2048 --docs 4 --out $out/ppl
 cp $out/ppl/ppl.md $here/ppl-2k-$step.md
