@@ -7,10 +7,11 @@ Every (system, length) point runs in a fresh subprocess so peak resident memory 
 to that point alone. Decode is the median over --decode-steps tokens after 4 warm-up
 tokens; the memory op's efficiency is the best of 5 interleaved rounds of op and matmul
 (the machine is shared: the best round is the least disturbed one). Systems: the base model with transformers SDPA attention and its
-standard cache ("full"), and the converted model ("allmem-W", 4 sinks, chunk 128, memory
-on). Per point: prefill wall time, decode ms/token (median over --decode-steps tokens after
-the prefill), cache bytes and peak RSS. Then the memory op's GFLOP/s against a plain
-torch.matmul of comparable shape in the same process. Writes results/bench.{json,md} and
+standard cache ("full"), the converted model ("allmem-W", 4 sinks, chunk 128, memory
+on), and the same under ``allmem.set_compiled(True)`` ("allmem-W-compiled", --compiled-windows;
+its graphs compiled in an untimed warm-up). Per point: prefill wall time, decode ms/token (median over --decode-steps tokens after
+the prefill), cache bytes and peak RSS. Then the memory op's GFLOP/s, eager and compiled, against
+a plain torch.matmul of comparable shape in the same process. Writes results/bench.{json,md} and
 PNG plots.
 """
 
@@ -65,6 +66,14 @@ def measure_point(system: str, length: int, decode_steps: int, threads: int) -> 
             with torch.no_grad():  # memory on: a non-zero alpha so no work is skipped anywhere
                 for layer in model.model.layers:
                     layer.self_attn.alpha.fill_(0.1)
+            if system.endswith("-compiled"):
+                # allmem.set_compiled: every graph (chunk step, decode step) has one shape at any
+                # length, so a short warm-up on another cache compiles them all before the clock runs
+                allmem.set_compiled(True)
+                warm = model.new_cache()
+                model(prompt[:, :300], cache=warm, logits_to_keep=1)
+                for t in range(WARMUP):
+                    model(follow[:, t : t + 1], cache=warm)
             cache = model.new_cache()
             t0 = time.perf_counter()
             for start in range(0, length, 4096):  # constant-memory ingestion
@@ -99,10 +108,11 @@ def baseline_op(src: Path | None):
 
 def memory_op_efficiency(threads: int, baseline_src: Path | None = None) -> list[dict]:
     """GFLOP/s of chunk_ttt (SmolLM2 shapes: 3 heads x d 64, batch 1, 8k tokens) vs torch.matmul,
-    and of a baseline chunk_ttt when ``baseline_src`` is given (interleaved in the same rounds)."""
+    eager and under ``set_compiled`` (each writing chunk one compiled graph), and of a baseline
+    chunk_ttt when ``baseline_src`` is given, all interleaved in the same rounds."""
     import torch
 
-    from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
+    from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms, set_compiled
 
     torch.set_num_threads(threads)
     baseline = baseline_op(baseline_src)
@@ -120,13 +130,18 @@ def memory_op_efficiency(threads: int, baseline_src: Path | None = None) -> list
         # matmul FLOPs per chunk: read 3 (C x d x d); update: forward on the keys 3, backward 4
         flops = (length // chunk) * 10 * 2 * n * chunk * d * d
         matmuls = (length // chunk) * 10  # as many plain matmuls of one chunk's shape
-        op_times, mm_times, base_times = [], [], []
+        op_times, compiled_times, mm_times, base_times = [], [], [], []
         with torch.no_grad():
-            chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)  # warm-up
-            for _ in range(5):
-                t0 = time.perf_counter()
+            for compiled in (True, False):  # warm-up (and compilation)
+                set_compiled(compiled)
                 chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)
-                op_times.append(time.perf_counter() - t0)
+            for _ in range(5):
+                for compiled, times in ((False, op_times), (True, compiled_times)):
+                    set_compiled(compiled)
+                    t0 = time.perf_counter()
+                    chunk_ttt(q, k, v, eta, beta, state, norms, chunk_size=chunk)
+                    times.append(time.perf_counter() - t0)
+                set_compiled(False)
                 t0 = time.perf_counter()
                 for _ in range(matmuls):
                     torch.matmul(a, b)
@@ -137,7 +152,9 @@ def memory_op_efficiency(threads: int, baseline_src: Path | None = None) -> list
                     base_times.append(time.perf_counter() - t0)
         op_gflops = flops / min(op_times) / 1e9
         mm_gflops = 2 * n * chunk * d * d / min(mm_times) / 1e9
-        row = {"chunk": chunk, "op_gflops": op_gflops, "matmul_gflops": mm_gflops, "ratio": op_gflops / mm_gflops}
+        compiled_gflops = flops / min(compiled_times) / 1e9
+        row = {"chunk": chunk, "op_gflops": op_gflops, "matmul_gflops": mm_gflops, "ratio": op_gflops / mm_gflops,
+               "compiled_gflops": compiled_gflops, "compiled_ratio": compiled_gflops / mm_gflops}
         if baseline is not None:
             row["baseline_ratio"] = flops / min(base_times) / 1e9 / mm_gflops
         rows.append(row)
@@ -178,7 +195,8 @@ def target_lines(points: list[dict], op_rows: list[dict]) -> list[str]:
             same = len(set(sizes.values())) == 1
             lines.append(f"- {system} cache identical at {', '.join(map(str, sorted(sizes)))} tokens: {'yes' if same else 'NO'}")
     for r in op_rows:
-        lines.append(f"- memory op / matmul GFLOP/s at chunk {r['chunk']}: {r['ratio']:.2f} (target >= 0.45)")
+        lines.append(f"- memory op / matmul GFLOP/s at chunk {r['chunk']}: eager {r['ratio']:.2f}, compiled "
+                     f"{r['compiled_ratio']:.2f} (target >= 0.45)")
     return lines
 
 
@@ -213,11 +231,12 @@ def write_report(points: list[dict], op_rows: list[dict], out: Path, args) -> st
     base = any("baseline_ratio" in r for r in op_rows)
     lines += ["", "Memory op (chunk_ttt, 3 heads x 64, 8k tokens) vs torch.matmul [3, C, 64] x [3, 64, 64]"
               + (f" (baseline: {args.op_baseline}, same rounds)" if base else "") + ":", "",
-              "| chunk | op GFLOP/s | matmul GFLOP/s | ratio |" + (" baseline ratio |" if base else ""),
-              "| ---: | ---: | ---: | ---: |" + (" ---: |" if base else "")]
+              "| chunk | op GFLOP/s | compiled op GFLOP/s | matmul GFLOP/s | ratio | compiled ratio |"
+              + (" baseline ratio |" if base else ""),
+              "| ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if base else "")]
     for r in op_rows:
-        lines.append(f"| {r['chunk']} | {r['op_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['ratio']:.2f} |"
-                     + (f" {r['baseline_ratio']:.2f} |" if base else ""))
+        lines.append(f"| {r['chunk']} | {r['op_gflops']:.1f} | {r['compiled_gflops']:.1f} | {r['matmul_gflops']:.1f} | "
+                     f"{r['ratio']:.2f} | {r['compiled_ratio']:.2f} |" + (f" {r['baseline_ratio']:.2f} |" if base else ""))
     lines += ["", *target_lines(points, op_rows)]
     text = "\n".join(lines) + "\n"
     name = "bench_op" if args.op_only else "bench"  # --op-only leaves the model table alone
@@ -260,6 +279,8 @@ def main() -> int:
     parser.add_argument("--allmem-extra", type=int, nargs="*", default=[65536], help="lengths for AllMem only")
     parser.add_argument("--extra-windows", type=int, nargs="*", default=[256], help="windows run at --allmem-extra")
     parser.add_argument("--windows", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument("--compiled-windows", type=int, nargs="*", default=[256],
+                        help="windows also run under allmem.set_compiled(True) (\"allmem-W-compiled\"), at --lengths")
     parser.add_argument("--full-max", type=int, default=32768, help="longest full-attention point")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -280,6 +301,7 @@ def main() -> int:
     plan = [("full", n) for n in args.lengths if n <= args.full_max]
     plan += [(f"allmem-{w}", n) for w in args.windows
              for n in args.lengths + (args.allmem_extra if w in args.extra_windows else [])]
+    plan += [(f"allmem-{w}-compiled", n) for w in args.compiled_windows for n in args.lengths]
     if args.op_only:
         plan = []
     points = []

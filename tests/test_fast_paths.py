@@ -60,6 +60,33 @@ def test_no_grad_partial_update_mask_equals_token_loop():
     torch.testing.assert_close(state.weights.w1[2], args[5].weights.w1[2], rtol=0, atol=0)  # never wrote
 
 
+@pytest.mark.parametrize("loss", ["mse", "dot"])
+def test_compiled_chunk_step_equals_token_loop(loss):
+    """``set_compiled``: each writing chunk's read and write run as one compiled graph; with some
+    memories skipping a chunk and a partial last chunk (read only) the op still equals the float64
+    token loop, and the compiled step really ran."""
+    from allmem.ops.ttt import chunk as chunk_module
+    from allmem.ops.ttt import set_compiled
+
+    n, length, chunk = 4, 18, 4
+    args = inputs(n, length, 5, chunk, seed=5)
+    mask = torch.tensor([[True, True, True, True, False], [True, False, True, False, False],
+                         [False, False, False, False, False], [True, True, True, True, False]])
+    torch._dynamo.reset()
+    try:
+        set_compiled(True)
+        with torch.no_grad():
+            o, state = chunk_ttt(*args, chunk_size=chunk, update_mask=mask, loss=loss)
+    finally:
+        set_compiled(False)
+    o_ref, ref = naive_ttt(*args, chunk_size=chunk, update_mask=mask, loss=loss)
+    torch.testing.assert_close(o, o_ref)
+    for a, b in zip((*state.weights, *state.momentum), (*ref.weights, *ref.momentum)):
+        torch.testing.assert_close(a, b)
+    assert chunk_module._STEP["stacked"] is chunk_module._stacked_step
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(chunk_module._stacked_step.__code__)) >= 1
+
+
 def test_no_grad_path_leaves_the_callers_state_alone():
     """In-place updates work on the op's own copy: the initial state passed in is not changed."""
     args = inputs(3, 24, 6, 8)

@@ -29,13 +29,19 @@ from .fast_weights import (
 
 
 def set_compiled(enabled: bool = True) -> None:
-    """Run ``chunk_ttt``'s per-chunk read and write through ``torch.compile`` (on a GPU this
-    fuses the elementwise work between the matmuls), or back to eager with False."""
+    """Run ``chunk_ttt``'s per-chunk step through ``torch.compile``, or back to eager with False.
+
+    Expansion 1 (every matrix d x d): the read and the write of a chunk become one graph, whose
+    elementwise work between the matmuls inductor fuses into a few loops (on 2 CPU cores at chunk
+    128 a step takes ~0.6x the eager time: ``benchmarks/bench.py --op-only``). Other expansions:
+    the read and the write each compiled. One graph per shape (chunk, batch x heads, dtype,
+    whether some memories skip the write); a partial last chunk is only read, eagerly."""
     if enabled:
         _STEP["read"] = torch.compile(swiglu_read, dynamic=False)
         _STEP["update"] = torch.compile(ttt_update, dynamic=False)
+        _STEP["stacked"] = torch.compile(_stacked_step, dynamic=False)
     else:
-        _STEP.update(read=swiglu_read, update=ttt_update)
+        _STEP.update(read=swiglu_read, update=ttt_update, stacked=_stacked_step)
 
 
 def ttt_update(
@@ -87,7 +93,6 @@ def _skip_free_values(k: torch.Tensor, v: torch.Tensor, loss: str, residual: boo
     return v + k if not residual and loss == "mse" else v
 
 
-_STEP = {"read": swiglu_read, "update": ttt_update}
 
 
 def _stacked_read(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -123,6 +128,16 @@ def _stacked_update(w, m, k, out_base, eta, beta, n0, *, loss, clip, eps, apply)
         keep = apply[None, :, None, None]
         new_w, new_m = torch.where(keep, new_w, w), torch.where(keep, new_m, m)
     return new_w, new_m
+
+
+def _stacked_step(q, w, m, k, out_base, eta, beta, n0, *, loss, clip, eps, apply):
+    """One writing chunk on stacked matrices: the read with the pristine weights, then the write.
+    Returns (o [N, C, d], new w, new m)."""
+    return (_stacked_read(q, w), *_stacked_update(w, m, k, out_base, eta, beta, n0, loss=loss, clip=clip, eps=eps,
+                                                   apply=apply))
+
+
+_STEP = {"read": swiglu_read, "update": ttt_update, "stacked": _stacked_step}
 
 
 def chunk_ttt(
@@ -171,7 +186,7 @@ def chunk_ttt(
         return o - q, state
 
     shapes = {tuple(w.shape) for w in (*initial_state.weights, *initial_state.momentum)}
-    if len(shapes) == 1 and _STEP["update"] is ttt_update:
+    if len(shapes) == 1:
         return _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chunk_size, loss, clip, eps,
                                    update_mask)
     state = initial_state
@@ -213,10 +228,11 @@ def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chun
     outputs = []
     for i in range(-(-length // chunk_size)):
         start, end = i * chunk_size, min(length, (i + 1) * chunk_size)
-        outputs.append(_stacked_read(q[:, start:end], w))
         writes, apply = _chunk_writes(update_mask, i, full=end - start == chunk_size)
         if not writes:
+            outputs.append(_stacked_read(q[:, start:end], w))
             continue
-        w, m = _stacked_update(w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end], beta[:, i], n0,
-                               loss=loss, clip=clip, eps=eps, apply=apply)
+        o, w, m = _STEP["stacked"](q[:, start:end], w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end],
+                                   beta[:, i], n0, loss=loss, clip=clip, eps=eps, apply=apply)
+        outputs.append(o)
     return torch.cat(outputs, dim=1), TTTState(FastWeights(*w.unbind(0)), FastWeights(*m.unbind(0)))
