@@ -85,6 +85,20 @@ def test_rows_with_different_histories():
     torch.testing.assert_close(swa_sdpa(q, k, v, key_pos, query_pos, block=3, **kw), expected)
 
 
+def test_sdpa_mask_cache_reuses_a_mask_only_for_the_same_positions():
+    """A mask cache shared by calls (the layers of one forward) gives every call the reference's
+    result: the second call at the same positions takes the cached masks, a call at other positions
+    of the same shapes (rows with other histories) builds its own."""
+    cache = {}
+    for seen in ([5, 5], [5, 5], [0, 9]):
+        args = make(2, 2, 2, past=6, length=11, sinks=3, seen=seen)
+        q, q_sink, k, v, key_pos, query_pos, k_sink, v_sink, sink_pos = args
+        kw = dict(window=6, scale=0.4, q_sink=q_sink, k_sink=k_sink, v_sink=v_sink, sink_pos=sink_pos, block=4)
+        out = swa_sdpa(q, k, v, key_pos, query_pos, mask_cache=cache, **kw)
+        torch.testing.assert_close(out, loop_reference(*args, 6, 0.4))
+    assert sum(len(entries) for entries in cache.values()) == 2 * 3  # two sets of positions, three query blocks each
+
+
 def test_memory_chunks_over_blocks(monkeypatch):
     """Processing blocks in several groups (long inputs) gives the same result."""
     import allmem.ops.swa.blocked as blocked

@@ -51,6 +51,9 @@ class Segment:
     sink_sin: torch.Tensor | None
     states: list | None  # per-layer LayerState (or None before the first write); None = no cache
     tables: dict = field(default_factory=dict)  # layer type -> (cos, sin, sink_cos, sink_sin)
+    # window masks of the prefill attention, built by the first layer and found again by the others
+    # (every layer's queries and keys sit at the same positions; ops.swa.sdpa checks that they do)
+    masks: dict = field(default_factory=dict)
     # one real token in every row, each row past its sinks: the common decode step, which every layer
     # then takes on one branch-free path (decode_window); decided once per forward, not per layer
     steady_decode: bool = False
@@ -223,7 +226,7 @@ class AllMemAttention(nn.Module):
         if window_state is None:
             keys, values, key_pos = k, v, query_pos  # keys are the segment itself (P = 0)
             out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=span, scale=self.attn.scaling,
-                              block=cfg.swa_block, **sink_args)
+                              block=cfg.swa_block, mask_cache=seg.masks, **sink_args)
         elif length == 1:
             # decode: the new key first takes its ring slot, whose old key (position seen - W) has
             # just left the window; the ring in slot order is then every key, positions do the masking
@@ -238,7 +241,7 @@ class AllMemAttention(nn.Module):
             values = torch.cat([_gather_time(window_state.ring_v, order), v], dim=2)
             key_pos = torch.cat([window_state.ring_pos.gather(1, order), query_pos], dim=1)
             out = swa_prefill(q_win, keys, values, key_pos, query_pos, window=span, scale=self.attn.scaling,
-                              block=cfg.swa_block, **sink_args)
+                              block=cfg.swa_block, mask_cache=seg.masks, **sink_args)
         out = out.reshape(batch, -1, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
         attn_out = self.attn.o_proj(out)
         if seg.states is None:

@@ -27,8 +27,9 @@ def prefill_backend(is_cuda: bool, fused_ok: bool = False) -> str:
     return choice
 
 
-def swa_prefill(q, k, v, key_pos, query_pos, *, window, scale, block=None, **sinks):
-    """Prefill attention by the backend ``prefill_backend`` picks (same contract as all)."""
+def swa_prefill(q, k, v, key_pos, query_pos, *, window, scale, block=None, mask_cache=None, **sinks):
+    """Prefill attention by the backend ``prefill_backend`` picks (same contract as all).
+    ``mask_cache``: a dict shared by calls at mostly the same positions (sdpa builds each window mask once)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # the fused kernel takes the queries in blocks of W (at least 128), each against its band of keys:
     # at 1k tokens and W = 256 half the score work of one T x K call, a quarter at 2k after a full window
@@ -39,7 +40,8 @@ def swa_prefill(q, k, v, key_pos, query_pos, *, window, scale, block=None, **sin
     if backend == "flex":
         return swa_flex(q, k, v, key_pos, query_pos, window=window, scale=scale, **sinks)
     if backend == "sdpa":
-        return swa_sdpa(q, k, v, key_pos, query_pos, window=window, scale=scale, block=band, **sinks)
+        return swa_sdpa(q, k, v, key_pos, query_pos, window=window, scale=scale, block=band, mask_cache=mask_cache,
+                        **sinks)
     return swa_blocked(q, k, v, key_pos, query_pos, window=window, scale=scale, block=block, **sinks)
 
 

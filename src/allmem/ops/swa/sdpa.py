@@ -35,6 +35,25 @@ def sdpa_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def additive_window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int, dtype: torch.dtype,
+                         cache: dict | None = None) -> torch.Tensor:
+    """[B, T] x [B, K] positions -> the kernel's additive mask [B, 1, T, K]: 0 where the window
+    rule lets the query see the key, else the most negative finite float (finite, so a row that sees
+    nothing, a padding query, averages instead of giving NaN, as in swa_blocked). With ``cache``,
+    a mask built for the same positions, window and dtype before is returned instead."""
+    entries = None
+    if cache is not None:
+        entries = cache.setdefault(("swa_mask", window, dtype, query_pos.device, query_pos.shape, key_pos.shape), [])
+        for cached_query_pos, cached_key_pos, mask in entries:
+            if torch.equal(cached_query_pos, query_pos) and torch.equal(cached_key_pos, key_pos):
+                return mask
+    visible = window_mask(query_pos[:, :, None], key_pos[:, None, :], window)  # [B, T, K]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=query_pos.device).masked_fill(~visible, torch.finfo(dtype).min)
+    if entries is not None:
+        entries.append((query_pos, key_pos, mask[:, None]))
+    return mask[:, None]
+
+
 def swa_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -49,8 +68,11 @@ def swa_sdpa(
     v_sink: torch.Tensor | None = None,
     sink_pos: torch.Tensor | None = None,
     block: int | None = None,
+    mask_cache: dict | None = None,
 ) -> torch.Tensor:
-    """Returns [B, Hkv, G, T, D]."""
+    """Returns [B, Hkv, G, T, D]. ``mask_cache``: a dict kept across calls whose queries and keys
+    mostly sit at the same positions (the layers of one forward): each distinct window mask is
+    built once and found again by its positions."""
     length, past = q.shape[3], k.shape[2] - q.shape[3]
     if block is not None and length > block:
         outs = []
@@ -61,26 +83,26 @@ def swa_sdpa(
                 q[:, :, :, start:end], k[:, :, lo : past + end], v[:, :, lo : past + end], key_pos[:, lo : past + end],
                 query_pos[:, start:end], window=window, scale=scale,
                 q_sink=None if q_sink is None else q_sink[:, :, :, start:end], k_sink=k_sink, v_sink=v_sink,
-                sink_pos=sink_pos,
+                sink_pos=sink_pos, mask_cache=mask_cache,
             ))
         return torch.cat(outs, dim=3)
     batch, kv_heads, groups, length, dim = q.shape
-    visible = window_mask(query_pos[:, :, None], key_pos[:, None, :], window)  # [B, T, K]
-    # finite, so a row that sees nothing (a padding query) averages instead of giving NaN, as in swa_blocked
-    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
+    mask = additive_window_mask(query_pos, key_pos, window, q.dtype, mask_cache)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.reshape(batch, kv_heads * groups, length, dim),
         k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
-        0.0, False, attn_mask=mask[:, None], scale=scale,
+        0.0, False, attn_mask=mask, scale=scale,
     )
     out = out.view(batch, kv_heads, groups, length, dim)
     if k_sink is None or k_sink.shape[2] == 0:
+        return out
+    seen = sink_mask(query_pos[:, None, None, :, None], sink_pos[:, None, None, None, :], window)
+    if not bool(seen.any()):  # no query here is old enough to see a sink (the first W tokens)
         return out
     wide = torch.promote_types(q.dtype, torch.float32)  # the merge in float32 at least, as swa_blocked's softmax
     lse = lse.view(batch, kv_heads, groups, length, 1).to(wide)
     q_sink = q if q_sink is None else q_sink
     sink_scores = ((q_sink @ k_sink[:, :, None].mT) * scale).to(wide)  # [B, Hkv, G, T, S]
-    seen = sink_mask(query_pos[:, None, None, :, None], sink_pos[:, None, None, None, :], window)
     sink_scores = sink_scores.masked_fill(~seen, float("-inf"))
     total = torch.logaddexp(lse, torch.logsumexp(sink_scores, dim=-1, keepdim=True))
     sink_probs = torch.exp(sink_scores - total).to(v_sink.dtype)
