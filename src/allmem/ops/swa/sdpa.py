@@ -73,19 +73,36 @@ def swa_sdpa(
     """Returns [B, Hkv, G, T, D]. ``mask_cache``: a dict kept across calls whose queries and keys
     mostly sit at the same positions (the layers of one forward): each distinct window mask is
     built once and found again by its positions."""
+    out, lse = _window_part(q, k, v, key_pos, query_pos, window, scale, block, mask_cache)
+    if k_sink is None or k_sink.shape[2] == 0:
+        return out
+    seen = sink_mask(query_pos[:, None, None, :, None], sink_pos[:, None, None, None, :], window)
+    if not bool(seen.any()):  # no query is old enough to see a sink (the first W tokens)
+        return out
+    # once for all the blocks: the merge is a dozen small ops, not worth repeating per block
+    wide = torch.promote_types(q.dtype, torch.float32)  # the merge in float32 at least, as swa_blocked's softmax
+    lse = lse.to(wide)
+    q_sink = q if q_sink is None else q_sink
+    sink_scores = ((q_sink @ k_sink[:, :, None].mT) * scale).to(wide)  # [B, Hkv, G, T, S]
+    sink_scores = sink_scores.masked_fill(~seen, float("-inf"))
+    total = torch.logaddexp(lse, torch.logsumexp(sink_scores, dim=-1, keepdim=True))
+    sink_probs = torch.exp(sink_scores - total).to(v_sink.dtype)
+    return (out * torch.exp(lse - total).to(out.dtype)) + sink_probs @ v_sink[:, :, None]
+
+
+def _window_part(q, k, v, key_pos, query_pos, window, scale, block, mask_cache):
+    """The window keys alone: (out [B, Hkv, G, T, D], log-sum-exp [B, Hkv, G, T, 1]), the queries
+    in blocks of ``block`` against their bands of keys."""
     length, past = q.shape[3], k.shape[2] - q.shape[3]
     if block is not None and length > block:
-        outs = []
+        parts = []
         for start in range(0, length, block):
             end = min(start + block, length)
             lo = max(0, past + start - window + 1)  # the oldest key the block's first query can see
-            outs.append(swa_sdpa(
-                q[:, :, :, start:end], k[:, :, lo : past + end], v[:, :, lo : past + end], key_pos[:, lo : past + end],
-                query_pos[:, start:end], window=window, scale=scale,
-                q_sink=None if q_sink is None else q_sink[:, :, :, start:end], k_sink=k_sink, v_sink=v_sink,
-                sink_pos=sink_pos, mask_cache=mask_cache,
-            ))
-        return torch.cat(outs, dim=3)
+            parts.append(_window_part(q[:, :, :, start:end], k[:, :, lo : past + end], v[:, :, lo : past + end],
+                                      key_pos[:, lo : past + end], query_pos[:, start:end], window, scale, None,
+                                      mask_cache))
+        return torch.cat([o for o, _ in parts], dim=3), torch.cat([lse for _, lse in parts], dim=3)
     batch, kv_heads, groups, length, dim = q.shape
     mask = additive_window_mask(query_pos, key_pos, window, q.dtype, mask_cache)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -93,17 +110,4 @@ def swa_sdpa(
         k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1),
         0.0, False, attn_mask=mask, scale=scale,
     )
-    out = out.view(batch, kv_heads, groups, length, dim)
-    if k_sink is None or k_sink.shape[2] == 0:
-        return out
-    seen = sink_mask(query_pos[:, None, None, :, None], sink_pos[:, None, None, None, :], window)
-    if not bool(seen.any()):  # no query here is old enough to see a sink (the first W tokens)
-        return out
-    wide = torch.promote_types(q.dtype, torch.float32)  # the merge in float32 at least, as swa_blocked's softmax
-    lse = lse.view(batch, kv_heads, groups, length, 1).to(wide)
-    q_sink = q if q_sink is None else q_sink
-    sink_scores = ((q_sink @ k_sink[:, :, None].mT) * scale).to(wide)  # [B, Hkv, G, T, S]
-    sink_scores = sink_scores.masked_fill(~seen, float("-inf"))
-    total = torch.logaddexp(lse, torch.logsumexp(sink_scores, dim=-1, keepdim=True))
-    sink_probs = torch.exp(sink_scores - total).to(v_sink.dtype)
-    return (out * torch.exp(lse - total).to(out.dtype)) + sink_probs @ v_sink[:, :, None]
+    return out.view(batch, kv_heads, groups, length, dim), lse.view(batch, kv_heads, groups, length, 1)
