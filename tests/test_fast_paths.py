@@ -60,18 +60,23 @@ def test_no_grad_partial_update_mask_equals_token_loop():
     torch.testing.assert_close(state.weights.w1[2], args[5].weights.w1[2], rtol=0, atol=0)  # never wrote
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all-write", "some-skip"])
 @pytest.mark.parametrize("loss", ["mse", "dot"])
-def test_compiled_chunk_step_equals_token_loop(loss):
-    """``set_compiled``: each writing chunk's read and write run as one compiled graph; with some
-    memories skipping a chunk and a partial last chunk (read only) the op still equals the float64
-    token loop, and the compiled step really ran."""
+def test_compiled_chunk_steps_equal_token_loop(loss, masked, monkeypatch):
+    """``set_compiled``: runs of GROUP chunks that every memory writes go as one compiled graph
+    (here GROUP 2: chunks 0-1 and 2-3), other writing chunks as one compiled step each (some
+    memories skipping them), a partial last chunk is read only; all equal the float64 token loop,
+    and the compiled graphs really ran."""
     from allmem.ops.ttt import chunk as chunk_module
     from allmem.ops.ttt import set_compiled
 
+    monkeypatch.setattr(chunk_module, "GROUP", 2)
     n, length, chunk = 4, 18, 4
     args = inputs(n, length, 5, chunk, seed=5)
-    mask = torch.tensor([[True, True, True, True, False], [True, False, True, False, False],
-                         [False, False, False, False, False], [True, True, True, True, False]])
+    mask = None
+    if masked:
+        mask = torch.tensor([[True, True, True, True, False], [True, False, True, False, False],
+                             [False, False, False, False, False], [True, True, True, True, False]])
     torch._dynamo.reset()
     try:
         set_compiled(True)
@@ -83,8 +88,9 @@ def test_compiled_chunk_step_equals_token_loop(loss):
     torch.testing.assert_close(o, o_ref)
     for a, b in zip((*state.weights, *state.momentum), (*ref.weights, *ref.momentum)):
         torch.testing.assert_close(a, b)
-    assert chunk_module._STEP["stacked"] is chunk_module._stacked_step
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(chunk_module._stacked_step.__code__)) >= 1
+    assert chunk_module._STEP["group"] is None and chunk_module._STEP["stacked"] is chunk_module._stacked_step
+    compiled = chunk_module._stacked_step if masked else chunk_module._stacked_group
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(compiled.__code__)) >= 1
 
 
 def test_no_grad_path_leaves_the_callers_state_alone():

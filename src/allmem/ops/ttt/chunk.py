@@ -29,19 +29,21 @@ from .fast_weights import (
 
 
 def set_compiled(enabled: bool = True) -> None:
-    """Run ``chunk_ttt``'s per-chunk step through ``torch.compile``, or back to eager with False.
+    """Run ``chunk_ttt``'s chunk steps through ``torch.compile``, or back to eager with False.
 
-    Expansion 1 (every matrix d x d): the read and the write of a chunk become one graph, whose
-    elementwise work between the matmuls inductor fuses into a few loops (on 2 CPU cores at chunk
-    128 a step takes ~0.6x the eager time: ``benchmarks/bench.py --op-only``). Other expansions:
-    the read and the write each compiled. One graph per shape (chunk, batch x heads, dtype,
-    whether some memories skip the write); a partial last chunk is only read, eagerly."""
+    Expansion 1 (every matrix d x d): the read and the write of a chunk are one graph, whose
+    elementwise work between the matmuls inductor fuses into a few loops, and GROUP consecutive
+    chunks that every memory writes are one graph of GROUP steps (``_stacked_group``; on 2 CPU
+    cores ~0.5x the eager time at chunk 32, ``benchmarks/bench.py --op-only`` for chunk 128 up).
+    Other expansions: the read and the write each compiled. One graph per shape (chunk, batch x
+    heads, dtype, whether some memories skip the write); a partial last chunk is only read, eagerly."""
     if enabled:
         _STEP["read"] = torch.compile(swiglu_read, dynamic=False)
         _STEP["update"] = torch.compile(ttt_update, dynamic=False)
         _STEP["stacked"] = torch.compile(_stacked_step, dynamic=False)
+        _STEP["group"] = torch.compile(_stacked_group, dynamic=False)
     else:
-        _STEP.update(read=swiglu_read, update=ttt_update, stacked=_stacked_step)
+        _STEP.update(read=swiglu_read, update=ttt_update, stacked=_stacked_step, group=None)
 
 
 def ttt_update(
@@ -137,7 +139,11 @@ def _stacked_step(q, w, m, k, out_base, eta, beta, n0, *, loss, clip, eps, apply
                                                    apply=apply))
 
 
-_STEP = {"read": swiglu_read, "update": ttt_update, "stacked": _stacked_step}
+_STEP = {"read": swiglu_read, "update": ttt_update, "stacked": _stacked_step, "group": None}
+
+# chunks per compiled graph: at chunk 32 on 2 CPU cores a graph of 8 chunks costs 0.37 ms a chunk against
+# 0.57 for one-chunk graphs and 0.76 eager; it compiles in ~30 s, once per process and shape
+GROUP = 8
 
 
 def chunk_ttt(
@@ -216,7 +222,8 @@ def _chunk_writes(update_mask: torch.Tensor | None, i: int, full: bool) -> tuple
 
 
 def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chunk_size, loss, clip, eps, update_mask):
-    """chunk_ttt's loop for expansion 1 (all matrices d x d), on stacked matrices."""
+    """chunk_ttt's loop for expansion 1 (all matrices d x d), on stacked matrices. Compiled
+    (``set_compiled``), every run of GROUP chunks that all memories write goes as one graph."""
     if loss not in ("mse", "dot"):
         raise ValueError(f"unknown inner loss {loss!r}; choose one of ('mse', 'dot')")
     length = q.shape[1]
@@ -225,14 +232,44 @@ def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chun
     n0 = None if reference_norms is None else \
         torch.stack([r.expand_as(reference_norms[0]) for r in reference_norms]).expand(3, q.shape[0], -1, -1)
     out_base = k - v if loss == "mse" else -v  # once for the whole sequence
+    num_chunks = -(-length // chunk_size)
+    group = _STEP["group"]
+    if group is not None:  # which chunks every memory writes, in one look rather than a sync per chunk
+        every = [end <= length for end in range(chunk_size, num_chunks * chunk_size + 1, chunk_size)]
+        if update_mask is not None:
+            every = [e and bool(a) for e, a in zip(every, update_mask.all(0).tolist())]
     outputs = []
-    for i in range(-(-length // chunk_size)):
-        start, end = i * chunk_size, min(length, (i + 1) * chunk_size)
-        writes, apply = _chunk_writes(update_mask, i, full=end - start == chunk_size)
-        if not writes:
-            outputs.append(_stacked_read(q[:, start:end], w))
+    i = 0
+    while i < num_chunks:
+        start = i * chunk_size
+        if group is not None and all(every[i : i + GROUP]) and i + GROUP <= num_chunks:
+            end = start + GROUP * chunk_size
+            o, w, m = group(q[:, start:end], w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end],
+                            beta[:, i : i + GROUP], n0, loss=loss, clip=clip, eps=eps)
+            outputs.append(o)
+            i += GROUP
             continue
-        o, w, m = _STEP["stacked"](q[:, start:end], w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end],
-                                   beta[:, i], n0, loss=loss, clip=clip, eps=eps, apply=apply)
+        end = min(length, start + chunk_size)
+        writes, apply = _chunk_writes(update_mask, i, full=end - start == chunk_size)
+        if writes:
+            o, w, m = _STEP["stacked"](q[:, start:end], w, m, k[:, start:end], out_base[:, start:end],
+                                       eta[:, start:end], beta[:, i], n0, loss=loss, clip=clip, eps=eps, apply=apply)
+        else:
+            o = _stacked_read(q[:, start:end], w)
         outputs.append(o)
+        i += 1
     return torch.cat(outputs, dim=1), TTTState(FastWeights(*w.unbind(0)), FastWeights(*m.unbind(0)))
+
+
+def _stacked_group(q, w, m, k, out_base, eta, beta, n0, *, loss, clip, eps):
+    """Consecutive chunks that every memory writes (beta [N, G]: G of them, each q.shape[1] / G
+    tokens), one after the other: what ``set_compiled`` compiles as one graph, so that the
+    elementwise work of all G chunks fuses and the call costs one graph launch, not G."""
+    chunk = q.shape[1] // beta.shape[1]
+    outputs = []
+    for i in range(beta.shape[1]):
+        part = slice(i * chunk, (i + 1) * chunk)
+        o, w, m = _stacked_step(q[:, part], w, m, k[:, part], out_base[:, part], eta[:, part], beta[:, i], n0,
+                                loss=loss, clip=clip, eps=eps, apply=None)
+        outputs.append(o)
+    return torch.cat(outputs, dim=1), w, m
