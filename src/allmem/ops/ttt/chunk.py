@@ -95,8 +95,6 @@ def _skip_free_values(k: torch.Tensor, v: torch.Tensor, loss: str, residual: boo
     return v + k if not residual and loss == "mse" else v
 
 
-
-
 def _stacked_read(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """swiglu_read with the three matrices stacked in ``w`` [3, N, d, d] (expansion 1)."""
     width = w.shape[2]
