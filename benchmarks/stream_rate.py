@@ -1,6 +1,8 @@
-"""Streaming rate of ``make demo``'s first step: the shipped SmolLM2 adapter (window 256, 4 sinks)
-reads the demo's essays with planted facts through ``Session.read`` in 1024-token segments, and the
-script prints tokens per second, eager and (``--compiled``) under ``allmem.set_compiled(True)``.
+"""Streaming rate of ``make demo``'s first step: the demo's default model (the shipped
+``smollm2-allmem`` adapter: window 256, 4 sinks, chunk 128; ``--model smollm2-allmem-recall`` for the
+recall adapter, chunk 32) reads the demo's essays with planted facts through ``Session.read`` in
+1024-token segments, and the script prints tokens per second, eager and (``--compiled``) under
+``allmem.set_compiled(True)``.
 
 The demo streams ~33k tokens; --tokens reads a prefix (8k by default: the rate is flat in the
 length, every segment costs the same). To compare two source trees on a shared machine, alternate
@@ -19,13 +21,14 @@ import time
 import torch
 
 import allmem
+from allmem.cli import default_model
 from allmem.demo import planted_document
 from allmem.session import Session
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-allmem-recall", help="a shipped adapter (the demo's default)")
+    parser.add_argument("--model", default=default_model(), help="a shipped adapter (default: the demo's, %(default)s)")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens of the demo document to read")
     parser.add_argument("--segment", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
