@@ -1,6 +1,6 @@
 """Cost of AllMem against full attention on the real SmolLM2, measured in one run.
 
-    .venv/bin/python benchmarks/bench.py             # 1k ... 32k, AllMem-256 also at 64k (about 30 min)
+    .venv/bin/python benchmarks/bench.py             # 1k ... 32k, AllMem-256 also at 64k and compiled (about 40 min)
     .venv/bin/python benchmarks/bench.py --quick     # 1k, 4k, 8k (a few minutes)
 
 Every (system, length) point runs in a fresh subprocess so peak resident memory belongs
