@@ -47,11 +47,11 @@ def additive_window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window:
         for cached_query_pos, cached_key_pos, mask in entries:
             if torch.equal(cached_query_pos, query_pos) and torch.equal(cached_key_pos, key_pos):
                 return mask
-    visible = window_mask(query_pos[:, :, None], key_pos[:, None, :], window)  # [B, T, K]
+    visible = window_mask(query_pos[:, None, :, None], key_pos[:, None, None, :], window)  # [B, 1, T, K]
     mask = torch.zeros(visible.shape, dtype=dtype, device=query_pos.device).masked_fill(~visible, torch.finfo(dtype).min)
     if entries is not None:
-        entries.append((query_pos, key_pos, mask[:, None]))
-    return mask[:, None]
+        entries.append((query_pos, key_pos, mask))
+    return mask
 
 
 def swa_sdpa(

@@ -240,7 +240,7 @@ def _chunk_loop_stacked(q, k, v, eta, beta, initial_state, reference_norms, chun
     i = 0
     while i < num_chunks:
         start = i * chunk_size
-        if group is not None and all(every[i : i + GROUP]) and i + GROUP <= num_chunks:
+        if group is not None and i + GROUP <= num_chunks and all(every[i : i + GROUP]):
             end = start + GROUP * chunk_size
             o, w, m = group(q[:, start:end], w, m, k[:, start:end], out_base[:, start:end], eta[:, start:end],
                             beta[:, i : i + GROUP], n0, loss=loss, clip=clip, eps=eps)
