@@ -191,6 +191,21 @@ def test_from_pretrained_on_the_class_equals_allmem_from_pretrained(tiny_adapter
         AllMemForCausalLM.from_pretrained(tiny_adapter, device_map="auto")
 
 
+def test_from_pretrained_takes_the_hub_arguments_at_their_defaults_and_refuses_them_set(tiny_adapter):
+    """transformers >= 5.25's Auto classes pass every hub argument, unset; a set one would be
+    silently ignored (nothing is downloaded), so it raises."""
+    unset = dict(cache_dir=None, force_download=False, local_files_only=False, proxies=None, subfolder="",
+                 token=None, revision=None, adapter_kwargs={})
+    model = AllMemForCausalLM.from_pretrained(tiny_adapter, **unset)
+    x = ids(1, 20)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, allmem.from_pretrained(tiny_adapter)(x).logits)
+    AllMemForCausalLM.from_pretrained(tiny_adapter, local_files_only=True)
+    for key, value in (("cache_dir", "/tmp/hub"), ("force_download", True), ("subfolder", "sub"), ("token", "t")):
+        with pytest.raises(TypeError, match=f"unsupported arguments {key}"):
+            AllMemForCausalLM.from_pretrained(tiny_adapter, **{**unset, key: value})
+
+
 def test_from_pretrained_with_a_given_base(tmp_path):
     model = converted()
     model.save_pretrained(tmp_path / "adapter")

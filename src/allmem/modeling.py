@@ -367,9 +367,11 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
                 AllMemPretrainedConfig.from_pretrained(pretrained_model_name_or_path).allmem)):
             raise ValueError("config= can only be the checkpoint's own config (the Auto classes pass it): the model is "
                              "rebuilt from its saved settings; change window/sinks/chunk with model.set_runtime(...)")
-        for key in ("_from_auto", "trust_remote_code"):
+        for key in ("_from_auto", "trust_remote_code", "local_files_only"):  # only local files are ever read
             kwargs.pop(key, None)
-        for key in ("adapter_kwargs", "revision"):  # passed empty by the Auto classes for a local directory
+        # hub arguments the Auto classes pass at their defaults (transformers >= 5.25 passes all of
+        # them): harmless when unset, refused when set, since nothing here is downloaded
+        for key in ("adapter_kwargs", "revision", "cache_dir", "force_download", "proxies", "subfolder", "token"):
             if not kwargs.get(key):
                 kwargs.pop(key, None)
         if dtype == "auto":  # transformers' "as saved": a checkpoint's base dtype, an adapter's base in float32
