@@ -51,7 +51,7 @@ def main() -> int:
         return allmem.memory._DECODE_READ["fn"](memory, x, state.conv, state.weights, config)[0]
 
     def buffer(memory, state):
-        return memory._decode_write(k, k, rates, rates, state, config).buffer_k
+        return memory.decode_write(k, k, rates, rates, state, config).buffer_k
 
     def token(part) -> tuple[float, torch.Tensor]:
         for state in states:

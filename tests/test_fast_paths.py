@@ -6,7 +6,7 @@ import torch
 import torch._dynamo
 
 import allmem
-from allmem import layer, memory
+from allmem import layer, memory, modeling
 from allmem.ops.ttt import FastWeights, TTTState, chunk_ttt, row_norms
 from allmem.ops.ttt.naive import naive_ttt
 from tiny_models import ids, randomise_memory, tiny_base
@@ -114,34 +114,56 @@ def test_no_grad_and_autograd_paths_agree_in_float32():
     torch.testing.assert_close(state.weights.w3, state2.weights.w3, rtol=1e-5, atol=1e-5)
 
 
-def test_steady_decode_takes_the_branch_free_window_path_in_every_layer_and_equals_the_prefill(monkeypatch):
-    """A decode token past the sinks, every row real, runs each layer's window attention through
-    ``layer.decode_window`` (decided once per forward); the tokens before it take the general path.
-    Token by token the logits equal the prefill's, in float64."""
-    model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
+def tiny_converted(family: str):
+    if family == "gemma3":
+        from test_gemma3 import tiny_gemma3
+
+        base = tiny_gemma3()
+    else:
+        base = tiny_base(family)
+    return randomise_memory(allmem.convert(base, allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
+
+
+# where a steady decode token goes: a pre-norm decoder layer (Llama, Mistral, Qwen 2/3) through
+# modeling.decode_block, Gemma 3's layer through its own forward with layer.decode_mixer inside
+STEADY_PATH = {"qwen3": (modeling._DECODE_BLOCK, 6), "gemma3": (layer._DECODE_MIXER, 6)}
+
+
+@pytest.mark.parametrize("family", sorted(STEADY_PATH))
+def test_steady_decode_takes_the_branch_free_path_in_every_layer_and_equals_the_prefill(family, monkeypatch):
+    """A decode token past the sinks, every row real, runs each layer through its branch-free steady
+    function (decided once per forward); the tokens before it take the general path. Token by token
+    the logits equal the prefill's, in float64."""
+    model = tiny_converted(family)
     x = ids(2, 14)
-    calls = []
+    table, seen_at = STEADY_PATH[family]
+    real, calls = table["fn"], []
 
     def counted(*args, **kwargs):
-        calls.append(args[6].clone())  # seen
-        return layer.decode_window(*args, **kwargs)
+        calls.append(args[seen_at].clone())
+        return real(*args, **kwargs)
 
-    monkeypatch.setitem(layer._DECODE_WINDOW, "fn", counted)
+    monkeypatch.setitem(table, "fn", counted)
     with torch.no_grad():
         prefill = model(x, use_cache=False).logits
         cache = model.new_cache()
         head = model(x[:, :1], cache=cache).logits  # seen 0, then 1: still inside the sinks
         steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(1, x.shape[1])]
-    torch.testing.assert_close(torch.cat([head, *steps], dim=1), prefill)
+    # Gemma 3 computes some of its own parts in float32 even in a float64 model (1e-7 apart either path)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if family == "gemma3" else {}
+    torch.testing.assert_close(torch.cat([head, *steps], dim=1), prefill, **tolerance)
     layers = len(model.model.layers)
     assert layers >= 2 and len(calls) == layers * (x.shape[1] - 2)  # every token from seen = sinks = 2 on
     assert all(bool((seen >= 2).all()) for seen in calls)
 
 
-def test_steady_decode_gives_the_general_paths_bits(monkeypatch):
-    """Eager, the branch-free steady decode path runs the general decode branch's ops in the same order:
-    the logits of a float32 decode through the ring's wrap-around are identical, bit for bit."""
-    model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4))).float()
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
+def test_steady_decode_gives_the_general_paths_bits(family, monkeypatch):
+    """Eager, the branch-free steady decode path (for pre-norm layers the whole decoder layer,
+    ``decode_block``) runs the ops of the general path (the family's own decoder layer around the
+    attention's decode branch) in the same order: the logits of a float32 decode through the ring's
+    wrap-around and chunk writes are identical, bit for bit."""
+    model = tiny_converted(family).float()
     x = ids(2, 20)
 
     def decode():
@@ -152,42 +174,78 @@ def test_steady_decode_gives_the_general_paths_bits(monkeypatch):
         return torch.cat(out, dim=1)
 
     steady = decode()
-    general = layer.AllMemAttention._window_attention
 
-    def always_general(self, hidden, seg, state):
-        seg.steady_decode = False
-        return general(self, hidden, seg, state)
+    class General(modeling.Segment):
+        def __post_init__(self):
+            self.steady_decode = False
 
-    monkeypatch.setattr(layer.AllMemAttention, "_window_attention", always_general)
+    monkeypatch.setattr(modeling, "Segment", General)
     assert steady.dtype == torch.float32 and torch.equal(decode(), steady)
+    assert modeling.prenorm_decoder_layer(model.model.layers[0]) == (family != "gemma3")
 
 
-def test_compiled_memory_decodes_as_the_eager_prefill():
-    """``allmem.set_compiled``: the decode step's window attention and memory read (one graph each
-    for every layer) and the chunk op's read and write through torch.compile give the eager model's
-    logits, token by token across chunk writes, in float64; the compiled graphs are shared by the
-    layers (no recompile per layer)."""
-    model = randomise_memory(allmem.convert(tiny_base(), allmem.AllMemConfig(window=8, sinks=2, chunk=4)))
+@pytest.mark.parametrize("family", sorted(STEADY_PATH))
+def test_compiled_memory_decodes_as_the_eager_prefill(family):
+    """``allmem.set_compiled``: each steady decode token's decoder layer (Gemma 3: its token mixer)
+    and the chunk op's read and write through torch.compile give the eager model's logits, token by
+    token across chunk writes, in float64; the compiled graph is shared by the layers of a kind (no
+    recompile per layer)."""
+    model = tiny_converted(family)
     x = ids(2, 14)
     with torch.no_grad():
         prefill = model(x, use_cache=False).logits
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
+    table = STEADY_PATH[family][0]
+    eager_fn = table["fn"]
     try:
         allmem.set_compiled(True)
-        assert memory._DECODE_READ["fn"] is not memory.decode_read
-        assert layer._DECODE_WINDOW["fn"] is not layer.decode_window
+        assert table["fn"] is not eager_fn and memory._DECODE_READ["fn"] is not memory.decode_read
         with torch.no_grad():
             cache = model.new_cache()
             head = model(x[:, :5], cache=cache).logits
             steps = [model(x[:, t : t + 1], cache=cache).logits for t in range(5, x.shape[1])]
     finally:
         allmem.set_compiled(False)
-    torch.testing.assert_close(torch.cat([head, *steps], dim=1), prefill)
-    assert memory._DECODE_READ["fn"] is memory.decode_read
+    tolerance = dict(rtol=1e-5, atol=1e-5) if family == "gemma3" else {}  # as above
+    torch.testing.assert_close(torch.cat([head, *steps], dim=1), prefill, **tolerance)
+    assert table["fn"] is eager_fn and memory._DECODE_READ["fn"] is memory.decode_read
+    assert modeling._DECODE_BLOCK["fn"] is modeling.decode_block and layer._DECODE_MIXER["fn"] is layer.decode_mixer
     assert counters["stats"]["unique_graphs"] >= 1
     assert len(model.model.layers) >= 2
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(memory.decode_read.__code__)) == 1
-    assert layer._DECODE_WINDOW["fn"] is layer.decode_window
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(layer.decode_window.__code__)) == 1
+    # one graph per kind of layer (Gemma 3: its local layers keep their own window and no sinks)
+    kinds = {(a._span(model.allmem_config), a.native_window) for a in (lay.self_attn for lay in model.model.layers)}
+    assert len(kinds) == (2 if family == "gemma3" else 1)
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(eager_fn.__code__)) == len(kinds)
+
+
+def test_a_forward_hook_fires_on_every_decode_token_and_the_logits_stay(monkeypatch):
+    """The fused steady path calls the layer's submodules as functions, so a decoder layer with a
+    forward hook on any of its modules (here the first layer's MLP, then the second's memory) takes
+    the general path: the hook fires for every token, the other layer stays fused, and the logits
+    are the same bits."""
+    model = tiny_converted("qwen3").float()
+    x = ids(2, 12)
+
+    def decode():
+        with torch.no_grad():
+            cache = model.new_cache()
+            out = [model(x[:, :3], cache=cache).logits]
+            out += [model(x[:, t : t + 1], cache=cache).logits for t in range(3, x.shape[1])]
+        return torch.cat(out, dim=1)
+
+    fused = decode()
+    real, blocks = modeling._DECODE_BLOCK["fn"], []
+    monkeypatch.setitem(modeling._DECODE_BLOCK, "fn", lambda layer, *a, **k: blocks.append(layer) or real(layer, *a, **k))
+    first, second = model.model.layers[0], model.model.layers[1]
+    tokens = x.shape[1] - 3 + 1  # the prefill, then each decode token (the first steady one: seen 3 > sinks 2)
+    for hooked_module, other in ((first.mlp, second), (second.self_attn.memory, first)):
+        fired, blocks[:] = [], []
+        handle = hooked_module.register_forward_pre_hook(lambda *_: fired.append(1))
+        try:
+            assert torch.equal(decode(), fused)
+        finally:
+            handle.remove()
+        assert len(fired) == tokens
+        assert blocks == [other] * (tokens - 1)

@@ -5,8 +5,7 @@ from .cache import AllMemCache
 from .config import AllMemConfig, ConfigError
 from .constants import DEFAULT_BASE
 from .convert import SUPPORTED_FAMILIES, UnsupportedModelError, calibrate_centre, convert, from_pretrained
-from .layer import set_compiled
-from .modeling import AdapterMismatchError, AllMemForCausalLM, AllMemPretrainedConfig
+from .modeling import AdapterMismatchError, AllMemForCausalLM, AllMemPretrainedConfig, set_compiled
 
 
 def load_base(name_or_path: str = DEFAULT_BASE, **kwargs):

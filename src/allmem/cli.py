@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compiled = getattr(args, "compile", False)
     if compiled:
-        from .layer import set_compiled
+        from .modeling import set_compiled
 
         set_compiled(True)
     try:

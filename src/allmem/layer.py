@@ -16,9 +16,21 @@ from torch import nn
 
 from .config import AllMemConfig
 from .memories import RecurrentState, build_memory
-from .memory import scatter_state
+from .memory import AllMemMemory, decode_read, scatter_state
 from .memory import set_compiled as set_memory_compiled  # layer.set_compiled covers both
 from .ops.swa import swa_dense, swa_prefill
+from .ops.ttt import FastWeights
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether a forward hook would fire on ``module`` or a submodule (their own or global ones,
+    such as torch's FLOP counter and profilers register): a fused path that calls the submodules'
+    functions rather than the modules must then step aside, so that every hook fires as it would."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +142,11 @@ class AllMemAttention(nn.Module):
             )
         seg = allmem_segment
         state = None if seg.states is None else seg.states[self.layer_idx]
+        if seg.steady_decode and self.fuses_steady_decode():
+            out, *rest = _DECODE_MIXER["fn"](self, hidden_states, *self.steady_decode_inputs(hidden_states, seg),
+                                             **self.steady_decode_settings(seg))
+            self.finish_steady_decode(seg, *rest)
+            return out, None
         keep_state = seg.states is not None
         attn_out, window_state = self._window_attention(hidden_states, seg, state)
         # the memory runs in its parameters' dtype: convert() keeps them float32 on a bf16 base
@@ -140,7 +157,35 @@ class AllMemAttention(nn.Module):
         )
         if keep_state:
             seg.states[self.layer_idx] = LayerState(window_state, memory_state)
-        return attn_out + (self.alpha.to(mem_out.dtype) * mem_out).to(attn_out.dtype), None
+        return mix(attn_out, self.alpha, mem_out), None
+
+    # ------------------------------------------------------- steady decode
+    def fuses_steady_decode(self) -> bool:
+        """A steady decode token goes through ``decode_mixer`` (window attention, memory read and
+        their mix as one function, one compiled graph) when the memory is AllMem's own and no
+        forward hook waits on it (the fused path does not call the memory as a module)."""
+        return isinstance(self.memory, AllMemMemory) and not has_forward_hooks(self.memory)
+
+    def steady_decode_inputs(self, x: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, ...]:
+        """The tensors ``decode_mixer`` takes after ``x``: rotary tables, positions, this layer's window
+        and memory state (a steady decode has a cache; this layer wrote it before)."""
+        state = seg.states[self.layer_idx]
+        ws, ms = state.window, state.memory
+        return (*self._rotary_tables(x, seg), seg.seen, ws.ring_k, ws.ring_v, ws.ring_pos, ws.sink_k, ws.sink_v,
+                ws.sink_pos, ms.conv, *ms.weights)
+
+    def steady_decode_settings(self, seg: Segment) -> dict:
+        return dict(span=self._span(seg.config), attend_sinks=self.native_window is None, config=seg.config)
+
+    def finish_steady_decode(self, seg: Segment, ring_k, ring_v, ring_pos, k, v, eta, beta_logits, conv) -> None:
+        """After ``decode_mixer``: buffer the token's memory key/value (and write the chunk it fills,
+        a data-dependent step kept out of the graph) and store this layer's new state."""
+        state = seg.states[self.layer_idx]
+        ws = state.window
+        memory_state = self.memory.decode_write(k, v, eta, beta_logits, state.memory, seg.config)
+        memory_state.conv = conv
+        seg.states[self.layer_idx] = LayerState(WindowState(ws.sink_k, ws.sink_v, ws.sink_pos, ring_k, ring_v, ring_pos),
+                                                memory_state)
 
     def teacher_attention(self, hidden_states: torch.Tensor, seg: Segment) -> torch.Tensor:
         """What the pretrained attention returns on these inputs: every earlier token of the segment,
@@ -306,13 +351,42 @@ def decode_window(attn: AllMemAttention, x: torch.Tensor, cos: torch.Tensor, sin
     return attn.attn.o_proj(out), ring_k, ring_v, ring_pos
 
 
+def mix(attn_out: torch.Tensor, alpha: torch.Tensor, mem_out: torch.Tensor) -> torch.Tensor:
+    """y = SWA(x) + alpha * Mem(x), in the memory's dtype and back to the attention's."""
+    return attn_out + (alpha.to(mem_out.dtype) * mem_out).to(attn_out.dtype)
+
+
+def decode_mixer(attn: AllMemAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 sink_cos: torch.Tensor | None, sink_sin: torch.Tensor | None, seen: torch.Tensor,
+                 ring_k: torch.Tensor, ring_v: torch.Tensor, ring_pos: torch.Tensor, sink_k: torch.Tensor,
+                 sink_v: torch.Tensor, sink_pos: torch.Tensor, conv: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 w3: torch.Tensor, *, span: int, attend_sinks: bool, config: AllMemConfig):
+    """The whole token mixer of one steady decode token without the memory's write: window attention
+    (``decode_window``) and the memory's read (``allmem.memory.decode_read``; conv state [B, K-1, 3Hd],
+    fast weights w1, w2, w3 [B, H, ., .]) mixed as y = SWA(x) + alpha * Mem(x). x [B, 1, d] ->
+    (y [B, 1, d], ring_k, ring_v, ring_pos, then the memory's k, v [B, H, 1, d_h], eta, beta logits
+    [B, H, 1] and conv state, which ``AllMemAttention.finish_steady_decode`` buffers). The same ops in
+    the same order as the general path, so eager results are identical; one compiled graph for every
+    layer under ``set_compiled``."""
+    attn_out, ring_k, ring_v, ring_pos = decode_window(
+        attn, x, cos, sin, sink_cos, sink_sin, seen, ring_k, ring_v, ring_pos, sink_k, sink_v, sink_pos, span=span,
+        attend_sinks=attend_sinks)
+    mem_dtype = torch.promote_types(x.dtype, attn.alpha.dtype)
+    mem_out, k, v, eta, beta_logits, conv = decode_read(attn.memory, x.to(mem_dtype), conv, FastWeights(w1, w2, w3),
+                                                        config)
+    return mix(attn_out, attn.alpha, mem_out), ring_k, ring_v, ring_pos, k, v, eta, beta_logits, conv
+
+
 _DECODE_WINDOW = {"fn": decode_window}
+_DECODE_MIXER = {"fn": decode_mixer}
 
 
 def set_compiled(enabled: bool = True) -> None:
-    """Run a decode token's window attention (``decode_window``, one graph shared by every layer) and
-    the memory (``allmem.memory.set_compiled``: its decode read and chunk step) through
-    ``torch.compile``. The first call of each shape compiles (seconds); results match eager to
-    rounding, not bit for bit. False: eager."""
+    """Run a steady decode token's token mixer (``decode_mixer``, one graph shared by every layer; for
+    another memory type the window attention alone, ``decode_window``) and the memory
+    (``allmem.memory.set_compiled``: its decode read and chunk step) through ``torch.compile``. The
+    first call of each shape compiles (seconds); results match eager to rounding, not bit for bit.
+    False: eager. ``allmem.set_compiled`` also compiles the decoder layer around the mixer."""
     set_memory_compiled(enabled)
     _DECODE_WINDOW["fn"] = torch.compile(decode_window, dynamic=False) if enabled else decode_window
+    _DECODE_MIXER["fn"] = torch.compile(decode_mixer, dynamic=False) if enabled else decode_mixer

@@ -205,7 +205,7 @@ class AllMemMemory(nn.Module):
 
         if decode:
             o, k, v, eta, beta_logits, conv_state = _DECODE_READ["fn"](self, x, state.conv, state.weights, config)
-            new_state = self._decode_write(k, v, eta, beta_logits, state, config)
+            new_state = self.decode_write(k, v, eta, beta_logits, state, config)
             new_state.conv = conv_state
             return o, new_state
 
@@ -313,7 +313,7 @@ class AllMemMemory(nn.Module):
     def _beta(self, logits_sum: torch.Tensor, count: int) -> torch.Tensor:
         return torch.sigmoid(logits_sum / count + self.beta_proj.bias.view(-1, *([1] * (logits_sum.dim() - 2))))
 
-    def _decode_write(self, k, v, eta, beta_logits, state: MemoryState, config) -> MemoryState:
+    def decode_write(self, k, v, eta, beta_logits, state: MemoryState, config) -> MemoryState:
         """Append one token per row to the partial chunk; write the rows whose chunk filled."""
         batch = k.shape[0]
         chunk = config.chunk

@@ -27,7 +27,8 @@ from .cache import AllMemCache, first_non_finite
 from .compat import CACHE_NAME, cache_argument, causal_lm_output
 from .config import AllMemConfig, ConfigError
 from .files import atomic_temp_dir, file_sha256, normal_permissions
-from .layer import AllMemAttention, Segment
+from .layer import AllMemAttention, Segment, decode_mixer, has_forward_hooks
+from .layer import set_compiled as set_layer_compiled  # modeling.set_compiled covers it
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "allmem_config.json"
@@ -305,7 +306,13 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.model.layers:
-            hidden = layer(hidden, allmem_segment=segment)
+            if segment.steady_decode and prenorm_decoder_layer(layer):
+                attn = layer.self_attn
+                hidden, *rest = _DECODE_BLOCK["fn"](layer, hidden, *attn.steady_decode_inputs(hidden, segment),
+                                                    **attn.steady_decode_settings(segment))
+                attn.finish_steady_decode(segment, *rest)
+            else:
+                hidden = layer(hidden, allmem_segment=segment)
             if all_hidden is not None:
                 all_hidden.append(hidden)
         if padded:
@@ -612,6 +619,43 @@ def _alignment(real: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor
         )
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
     return order, torch.argsort(order, dim=1)
+
+
+# decoder layers whose forward is x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x)), as
+# decode_block runs them (Gemma 3 adds norms around both and keeps its own forward); a test holds each
+# family's eager decode_block to its layer's forward, bit for bit
+_PRENORM_DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
+
+
+def prenorm_decoder_layer(layer: torch.nn.Module) -> bool:
+    """Whether a steady decode token takes ``decode_block`` through this decoder layer (not when a
+    forward hook waits on it or a submodule: the block calls them as functions)."""
+    return (type(layer).__name__ in _PRENORM_DECODER_LAYERS and layer.self_attn.fuses_steady_decode()
+            and not has_forward_hooks(layer))
+
+
+def decode_block(layer: torch.nn.Module, hidden: torch.Tensor, *mixer_inputs: torch.Tensor, **settings: Any):
+    """One steady decode token through a whole pre-norm decoder layer: its input norm, the AllMem
+    token mixer (``allmem.layer.decode_mixer``, the same inputs and settings), the residual, its
+    post-attention norm, MLP and residual. hidden [B, 1, d] -> (hidden, then what the mixer returns
+    after its output). The layer's own forward, op for op; one compiled graph for every layer under
+    ``set_compiled`` (the norms, MLP and residuals fused with the mixer)."""
+    mixed, *rest = decode_mixer(layer.self_attn, layer.input_layernorm(hidden), *mixer_inputs, **settings)
+    hidden = hidden + mixed
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), *rest
+
+
+_DECODE_BLOCK = {"fn": decode_block}
+
+
+def set_compiled(enabled: bool = True) -> None:
+    """Decode through ``torch.compile``: each steady decode token's decoder layer as one graph shared
+    by every layer (``decode_block``; for a family with another layer structure its token mixer,
+    ``allmem.layer.set_compiled``), and the memory's chunk steps when a prompt is read. The first
+    call of each shape compiles (seconds); results match eager to rounding, not bit for bit. False:
+    eager. Also ``allmem.set_compiled``."""
+    set_layer_compiled(enabled)
+    _DECODE_BLOCK["fn"] = torch.compile(decode_block, dynamic=False) if enabled else decode_block
 
 
 # a checkpoint written by export_pretrained loads with transformers' Auto classes once allmem is imported
