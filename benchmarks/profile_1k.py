@@ -5,7 +5,10 @@ Two views per system and phase: wall time per component (forward hooks on the me
 whole token mixer, the MLP; the rest is embeddings, norms, LM head and Python) and
 torch.profiler's top operators by self CPU time. Writes benchmarks/results/profile_1k.txt.
 With --compiled, AllMem also runs under ``allmem.set_compiled(True)`` (torch.compile of the
-memory's decode read and per-chunk step; compiled in a warm-up, not timed).
+memory's decode read and per-chunk step; compiled in a warm-up, not timed). The component hooks
+keep a decode token off the fused steady path (``allmem.modeling.decode_block`` steps aside for a
+hooked layer), so the decode rows here profile the general path (``benchmarks/short_context.py``
+times the fused one).
 
     nice -n 19 .venv/bin/python benchmarks/profile_1k.py [--threads 2] [--length 1024] [--compiled]
 """

@@ -1,8 +1,8 @@
 """AllMem against full attention at short context (1k tokens), interleaved in one process: the real
 SmolLM2 with transformers' SDPA attention and its standard cache ("full") against the converted model
 (window 256, 4 sinks, chunk 128, memory on), eager, with only the memory compiled
-(``allmem.memory.set_compiled``, as before session 17) and under ``allmem.set_compiled(True)`` (the
-decode token's window attention too). Every round
+(``allmem.memory.set_compiled``, as before session 17) and under ``allmem.set_compiled(True)`` (a
+decode token's every decoder layer as one graph, ``allmem.modeling.decode_block``). Every round
 times one prefill of --length tokens and then one decode token of each system in turn, so a slow
 phase of a shared machine hits all of them alike; medians of --rounds, and the ratios to full
 attention. (``benchmarks/bench.py`` measures each point in a fresh process instead, across lengths;
@@ -27,7 +27,7 @@ from profile_1k import prefill_and_decode  # the same prefill and decode calls a
 
 
 def compile_mode(mode: str) -> None:
-    """"eager", "memory" (the memory's decode read and chunk step) or "all" (the window attention too)."""
+    """"eager", "memory" (the memory's decode read and chunk step) or "all" (the decoder layers too)."""
     allmem.set_compiled(mode == "all")
     if mode == "memory":
         allmem.memory.set_compiled(True)
