@@ -3,12 +3,13 @@ SmolLM2 with transformers' SDPA attention and its standard cache ("full") agains
 (window 256, 4 sinks, chunk 128, memory on), eager, with only the memory compiled
 (``allmem.memory.set_compiled``, as before session 17) and under ``allmem.set_compiled(True)`` (a
 decode token's every decoder layer as one graph, ``allmem.modeling.decode_block``). Every round
-times one prefill of --length tokens and then one decode token of each system in turn, so a slow
-phase of a shared machine hits all of them alike; medians of --rounds, and the ratios to full
-attention. (``benchmarks/bench.py`` measures each point in a fresh process instead, across lengths;
+times one prefill of --length tokens and then --decode-tokens decode tokens (each timed alone; the
+decode cache goes on across rounds, at 1k it writes no chunk) of each system in turn, so a slow phase
+of a shared machine hits all of them alike; medians over the rounds (decode: over all its tokens),
+and the ratios to full attention. (``benchmarks/bench.py`` measures each point in a fresh process instead, across lengths;
 ``benchmarks/profile_1k.py`` shows where the time goes.)
 
-    nice -n 19 .venv/bin/python benchmarks/short_context.py [--threads 2] [--length 1024] [--rounds 9]
+    nice -n 19 .venv/bin/python benchmarks/short_context.py [--threads 2] [--length 1024] [--rounds 9] [--decode-tokens 8]
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--decode-tokens", type=int, default=8,
+                        help="decode tokens timed one by one in each round after its prefill (median over all)")
     args = parser.parse_args()
-    if min(args.threads, args.length, args.rounds) < 1:
-        parser.error("--threads, --length and --rounds must be positive")
+    if min(args.threads, args.length, args.rounds, args.decode_tokens) < 1:
+        parser.error("--threads, --length, --rounds and --decode-tokens must be positive")
     torch.set_num_threads(args.threads)
     full, tok = allmem.load_base("smollm2")
     converted = allmem.convert(allmem.load_base("smollm2")[0], allmem.AllMemConfig(window=256, sinks=4, chunk=128))
@@ -48,7 +51,7 @@ def main() -> int:
     for layer in converted.model.layers:
         layer.self_attn.alpha.data.fill_(0.1)  # the memory's output reaches the residual, as trained
     ids = tok(long_document(), return_tensors="pt").input_ids
-    while ids.shape[1] < args.length + args.rounds + 2:
+    while ids.shape[1] < args.length + args.rounds * args.decode_tokens + 2:
         ids = torch.cat([ids, ids], dim=1)
     prompt, follow = ids[:, : args.length], ids[:, args.length :]
 
@@ -69,11 +72,13 @@ def main() -> int:
                 t0 = time.perf_counter()
                 prefill()
                 prefill_s[name].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                decode(caches[name], r + 1)
-                decode_s[name].append(time.perf_counter() - t0)
+                for t in range(args.decode_tokens):  # the decode cache goes on from the last round's token
+                    t0 = time.perf_counter()
+                    decode(caches[name], 1 + r * args.decode_tokens + t)
+                    decode_s[name].append(time.perf_counter() - t0)
     compile_mode("eager")
-    print(f"{args.length} tokens, {args.rounds} interleaved rounds, {args.threads} threads, torch {torch.__version__}, "
+    print(f"{args.length} tokens, {args.rounds} interleaved rounds of a prefill and {args.decode_tokens} decode tokens, "
+          f"{args.threads} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}")
     print(f"{'system':<28} {'prefill ms':>11} {'x full':>7} {'decode ms/token':>16} {'x full':>7}")
     med_p = {n: 1000 * statistics.median(v) for n, v in prefill_s.items()}
