@@ -157,6 +157,15 @@ def test_steady_decode_takes_the_branch_free_path_in_every_layer_and_equals_the_
     assert all(bool((seen >= 2).all()) for seen in calls)
 
 
+def prefill_3_then_decode(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits of x [B, T] read as a 3-token prefill and then token by token with one cache."""
+    with torch.no_grad():
+        cache = model.new_cache()
+        out = [model(x[:, :3], cache=cache).logits]
+        out += [model(x[:, t : t + 1], cache=cache).logits for t in range(3, x.shape[1])]
+    return torch.cat(out, dim=1)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3"])
 def test_steady_decode_gives_the_general_paths_bits(family, monkeypatch):
     """Eager, the branch-free steady decode path (for pre-norm layers the whole decoder layer,
@@ -166,21 +175,14 @@ def test_steady_decode_gives_the_general_paths_bits(family, monkeypatch):
     model = tiny_converted(family).float()
     x = ids(2, 20)
 
-    def decode():
-        with torch.no_grad():
-            cache = model.new_cache()
-            out = [model(x[:, :3], cache=cache).logits]
-            out += [model(x[:, t : t + 1], cache=cache).logits for t in range(3, x.shape[1])]
-        return torch.cat(out, dim=1)
-
-    steady = decode()
+    steady = prefill_3_then_decode(model, x)
 
     class General(modeling.Segment):
         def __post_init__(self):
             self.steady_decode = False
 
     monkeypatch.setattr(modeling, "Segment", General)
-    assert steady.dtype == torch.float32 and torch.equal(decode(), steady)
+    assert steady.dtype == torch.float32 and torch.equal(prefill_3_then_decode(model, x), steady)
     assert modeling.prenorm_decoder_layer(model.model.layers[0]) == (family != "gemma3")
 
 
@@ -228,14 +230,7 @@ def test_a_forward_hook_fires_on_every_decode_token_and_the_logits_stay(monkeypa
     model = tiny_converted("qwen3").float()
     x = ids(2, 12)
 
-    def decode():
-        with torch.no_grad():
-            cache = model.new_cache()
-            out = [model(x[:, :3], cache=cache).logits]
-            out += [model(x[:, t : t + 1], cache=cache).logits for t in range(3, x.shape[1])]
-        return torch.cat(out, dim=1)
-
-    fused = decode()
+    fused = prefill_3_then_decode(model, x)
     real, blocks = modeling._DECODE_BLOCK["fn"], []
     monkeypatch.setitem(modeling._DECODE_BLOCK, "fn", lambda layer, *a, **k: blocks.append(layer) or real(layer, *a, **k))
     first, second = model.model.layers[0], model.model.layers[1]
@@ -244,7 +239,7 @@ def test_a_forward_hook_fires_on_every_decode_token_and_the_logits_stay(monkeypa
         fired, blocks[:] = [], []
         handle = hooked_module.register_forward_pre_hook(lambda *_: fired.append(1))
         try:
-            assert torch.equal(decode(), fused)
+            assert torch.equal(prefill_3_then_decode(model, x), fused)
         finally:
             handle.remove()
         assert len(fired) == tokens
