@@ -143,10 +143,7 @@ class AllMemAttention(nn.Module):
         seg = allmem_segment
         state = None if seg.states is None else seg.states[self.layer_idx]
         if seg.steady_decode and self.fuses_steady_decode():
-            out, *rest = _DECODE_MIXER["fn"](self, hidden_states, *self.steady_decode_inputs(hidden_states, seg),
-                                             **self.steady_decode_settings(seg))
-            self.finish_steady_decode(seg, *rest)
-            return out, None
+            return self.steady_decode(_DECODE_MIXER["fn"], self, hidden_states, seg), None
         keep_state = seg.states is not None
         attn_out, window_state = self._window_attention(hidden_states, seg, state)
         # the memory runs in its parameters' dtype: convert() keeps them float32 on a bf16 base
@@ -166,26 +163,23 @@ class AllMemAttention(nn.Module):
         forward hook waits on it (the fused path does not call the memory as a module)."""
         return isinstance(self.memory, AllMemMemory) and not has_forward_hooks(self.memory)
 
-    def steady_decode_inputs(self, x: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, ...]:
-        """The tensors ``decode_mixer`` takes after ``x``: rotary tables, positions, this layer's window
-        and memory state (a steady decode has a cache; this layer wrote it before)."""
+    def steady_decode(self, step, owner: nn.Module, x: torch.Tensor, seg: Segment) -> torch.Tensor:
+        """One steady decode token through ``step`` (``decode_mixer`` with this module as ``owner``, or
+        ``allmem.modeling.decode_block`` with its decoder layer), given this layer's window and memory
+        state (a steady decode has a cache; this layer wrote it before); then, outside the step, the
+        memory buffers the token (and writes the chunk it fills: a data-dependent step) and this
+        layer's new state is stored. x [B, 1, d] -> the step's output [B, 1, d]."""
         state = seg.states[self.layer_idx]
         ws, ms = state.window, state.memory
-        return (*self._rotary_tables(x, seg), seg.seen, ws.ring_k, ws.ring_v, ws.ring_pos, ws.sink_k, ws.sink_v,
-                ws.sink_pos, ms.conv, *ms.weights)
-
-    def steady_decode_settings(self, seg: Segment) -> dict:
-        return dict(span=self._span(seg.config), attend_sinks=self.native_window is None, config=seg.config)
-
-    def finish_steady_decode(self, seg: Segment, ring_k, ring_v, ring_pos, k, v, eta, beta_logits, conv) -> None:
-        """After ``decode_mixer``: buffer the token's memory key/value (and write the chunk it fills,
-        a data-dependent step kept out of the graph) and store this layer's new state."""
-        state = seg.states[self.layer_idx]
-        ws = state.window
-        memory_state = self.memory.decode_write(k, v, eta, beta_logits, state.memory, seg.config)
+        out, ring_k, ring_v, ring_pos, k, v, eta, beta_logits, conv = step(
+            owner, x, *self._rotary_tables(x, seg), seg.seen, ws.ring_k, ws.ring_v, ws.ring_pos, ws.sink_k, ws.sink_v,
+            ws.sink_pos, ms.conv, *ms.weights, span=self._span(seg.config), attend_sinks=self.native_window is None,
+            config=seg.config)
+        memory_state = self.memory.decode_write(k, v, eta, beta_logits, ms, seg.config)
         memory_state.conv = conv
         seg.states[self.layer_idx] = LayerState(WindowState(ws.sink_k, ws.sink_v, ws.sink_pos, ring_k, ring_v, ring_pos),
                                                 memory_state)
+        return out
 
     def teacher_attention(self, hidden_states: torch.Tensor, seg: Segment) -> torch.Tensor:
         """What the pretrained attention returns on these inputs: every earlier token of the segment,
@@ -365,7 +359,7 @@ def decode_mixer(attn: AllMemAttention, x: torch.Tensor, cos: torch.Tensor, sin:
     (``decode_window``) and the memory's read (``allmem.memory.decode_read``; conv state [B, K-1, 3Hd],
     fast weights w1, w2, w3 [B, H, ., .]) mixed as y = SWA(x) + alpha * Mem(x). x [B, 1, d] ->
     (y [B, 1, d], ring_k, ring_v, ring_pos, then the memory's k, v [B, H, 1, d_h], eta, beta logits
-    [B, H, 1] and conv state, which ``AllMemAttention.finish_steady_decode`` buffers). The same ops in
+    [B, H, 1] and conv state, which ``AllMemAttention.steady_decode`` buffers). The same ops in
     the same order as the general path, so eager results are identical; one compiled graph for every
     layer under ``set_compiled``."""
     attn_out, ring_k, ring_v, ring_pos = decode_window(

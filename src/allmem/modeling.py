@@ -29,6 +29,7 @@ from .config import AllMemConfig, ConfigError
 from .files import atomic_temp_dir, file_sha256, normal_permissions
 from .layer import AllMemAttention, Segment, decode_mixer, has_forward_hooks
 from .layer import set_compiled as set_layer_compiled  # modeling.set_compiled covers it
+from .memory import AllMemMemory
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "allmem_config.json"
@@ -307,10 +308,7 @@ class AllMemForCausalLM(PreTrainedModel, GenerationMixin):
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.model.layers:
             if segment.steady_decode and prenorm_decoder_layer(layer):
-                attn = layer.self_attn
-                hidden, *rest = _DECODE_BLOCK["fn"](layer, hidden, *attn.steady_decode_inputs(hidden, segment),
-                                                    **attn.steady_decode_settings(segment))
-                attn.finish_steady_decode(segment, *rest)
+                hidden = layer.self_attn.steady_decode(_DECODE_BLOCK["fn"], layer, hidden, segment)
             else:
                 hidden = layer(hidden, allmem_segment=segment)
             if all_hidden is not None:
@@ -630,7 +628,8 @@ _PRENORM_DECODER_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer",
 def prenorm_decoder_layer(layer: torch.nn.Module) -> bool:
     """Whether a steady decode token takes ``decode_block`` through this decoder layer (not when a
     forward hook waits on it or a submodule: the block calls them as functions)."""
-    return (type(layer).__name__ in _PRENORM_DECODER_LAYERS and layer.self_attn.fuses_steady_decode()
+    # no hook anywhere in the layer covers the memory's hooks that fuses_steady_decode looks for
+    return (type(layer).__name__ in _PRENORM_DECODER_LAYERS and isinstance(layer.self_attn.memory, AllMemMemory)
             and not has_forward_hooks(layer))
 
 
