@@ -265,8 +265,9 @@ def test_chunked_prefill_and_mixed_batches_equal_single_requests(server):
     _steps(server.trace)
     prompts = [_prompt(n, seed) for seed, n in ((10, 5), (11, 300), (12, 130), (13, 200))]
     # the short one keeps decoding while the others prefill and decode: even on a loaded machine, where the
-    # requests can reach the engine far apart, some steps hold three rows (60 was not always enough)
-    max_new = [150, 16, 16, 16]
+    # requests can reach the engine far apart, some steps hold three rows (60, then 150, were not always
+    # enough; 5 + 500 tokens stays inside MAX_MODEL_LEN)
+    max_new = [500, 16, 16, 16]
     got = server.complete_concurrently(prompts, max_new)
     steps = _steps(server.trace)
     assert got == [server.reference(ids, n) for ids, n in zip(prompts, max_new)]
